@@ -1,0 +1,119 @@
+"""In-memory image datasets and their batches.
+
+Images are held decoded, as uint8 tensors ``(N, C, H, W)``, and batched by indexing: no per-sample
+Python or PIL work during training. Pixels become floats in [0, 1] only on the way to the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import attrs
+import torch
+from torch import Tensor
+
+from geco_core.errors import ConfigError
+
+__all__ = ["ImageData", "DataBatch", "Batches", "resolve_root"]
+
+
+@attrs.frozen(eq=False)
+class DataBatch:
+    """A batch for the model: ``x`` float (B, C, H, W) in [0, 1]; labels, context and the
+    examples' dataset ``index`` where there are any."""
+
+    x: Tensor
+    index: Tensor
+    labels: Tensor | None = None
+    context: Tensor | None = None
+
+
+@attrs.frozen(eq=False)
+class ImageData:
+    """A dataset held in memory.
+
+    images:  uint8 ``(N, C, H, W)``
+    labels:  int64 ``(N,)``, or ``(N, k)`` for stacked digits; None when the data has none
+    context: uint8 ``(N, C', H, W)`` conditioning images of a conditional task; None otherwise
+    """
+
+    images: Tensor
+    labels: Tensor | None = None
+    context: Tensor | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(
+                f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
+            )
+        for name in ("labels", "context"):
+            t = getattr(self, name)
+            if t is not None and len(t) != len(self.images):
+                raise ValueError(f"{name} has {len(t)} rows for {len(self.images)} images")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def context_shape(self) -> tuple[int, int, int] | None:
+        return None if self.context is None else tuple(self.context.shape[1:])
+
+    def batch(self, index: Tensor, device: torch.device | str = "cpu") -> DataBatch:
+        """The examples at ``index``, moved to ``device`` as uint8 and scaled there to [0, 1]."""
+
+        def pixels(t: Tensor) -> Tensor:
+            return t[index].to(device, non_blocking=True).float().div_(255.0)
+
+        return DataBatch(
+            x=pixels(self.images),
+            index=index.to(device),
+            labels=None if self.labels is None else self.labels[index].to(device),
+            context=None if self.context is None else pixels(self.context),
+        )
+
+
+@attrs.frozen
+class Batches:
+    """Which examples make up training batch ``step``: epoch ``e`` is a permutation drawn from
+    ``seed`` and ``e``, cut into ``len // batch_size`` full batches. Stateless, so resuming at a
+    step reproduces the exact order without saving any sampler state."""
+
+    size: int
+    batch_size: int
+    seed: int
+
+    def __attrs_post_init__(self) -> None:
+        if self.batch_size > self.size:
+            raise ConfigError(
+                f"train.batch_size ({self.batch_size}) is larger than the dataset ({self.size})"
+            )
+
+    @property
+    def per_epoch(self) -> int:
+        return self.size // self.batch_size
+
+    def __call__(self, step: int) -> Tensor:
+        epoch, i = divmod(step, self.per_epoch)
+        return _permutation(self.size, self.seed, epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(size: int, seed: int, epoch: int) -> Tensor:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def resolve_root(root: str | os.PathLike | None = None) -> Path:
+    """The data root: ``root`` if given, else ``$GECO_DATA``, else the user cache
+    (``$XDG_CACHE_HOME/geco`` or ``~/.cache/geco``)."""
+    if root:
+        return Path(root).expanduser()
+    if os.environ.get("GECO_DATA"):
+        return Path(os.environ["GECO_DATA"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "geco"

@@ -1,0 +1,185 @@
+"""MNIST, Fashion-MNIST and the paper's sets derived from MNIST (section 4).
+
+The original idx ``.gz`` files are read with gzip and numpy, once per process, straight into uint8
+tensors. They live under the data root in torchvision's layout (``MNIST/raw/``, ``FashionMNIST/raw/``),
+so a folder prepared for torchvision works here too. Derived sets are drawn deterministically from
+MNIST and a seed.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+from pathlib import Path
+
+import attrs
+import torch
+from torch import Tensor
+
+from geco_core.data.base import ImageData, resolve_root
+from geco_core.errors import ConfigError, DataError
+
+__all__ = [
+    "IdxSet",
+    "MNIST",
+    "FASHION_MNIST",
+    "mnist",
+    "fashion_mnist",
+    "color_mnist",
+    "mnist_triplets",
+    "triplets",
+]
+
+SPLITS = ("train", "test")
+
+
+@attrs.frozen
+class IdxSet:
+    """Where an idx dataset lives under the data root, its files (with md5s) and download mirrors."""
+
+    name: str
+    folder: str
+    files: dict[str, str]
+    mirrors: tuple[str, ...]
+
+    def prefix(self, split: str) -> str:
+        if split not in SPLITS:
+            raise ConfigError(f"data.split must be one of {', '.join(SPLITS)}; got {split!r}")
+        return "train" if split == "train" else "t10k"
+
+    def load(self, root: str | Path | None, split: str, download: bool) -> ImageData:
+        """Images (N, 1, 28, 28) uint8 and labels (N,) int64 of ``split``."""
+        raw = resolve_root(root) / self.folder
+        self.ensure(raw, download)
+        p = self.prefix(split)
+        images = _read_idx(raw / f"{p}-images-idx3-ubyte.gz")
+        labels = _read_idx(raw / f"{p}-labels-idx1-ubyte.gz")
+        return ImageData(images=images.unsqueeze(1), labels=labels.long())
+
+    def ensure(self, raw: Path, download: bool) -> None:
+        """Download missing files where the network allows; otherwise say which go where."""
+        missing = [f for f in self.files if not (raw / f).is_file()]
+        reason = "downloading is off (data.download = false)"
+        if missing and download:
+            from geco_core.compat import torchvision
+
+            for f in missing:
+                for mirror in self.mirrors:
+                    try:
+                        torchvision.datasets.utils.download_url(mirror + f, str(raw), f, self.files[f])
+                        break
+                    except Exception as exc:  # noqa: BLE001 - any failure means: try the next mirror
+                        reason = f"download failed: {type(exc).__name__}: {exc}".splitlines()[0]
+            missing = [f for f in self.files if not (raw / f).is_file()]
+        if missing:
+            raise DataError(
+                f"{self.name}: missing {', '.join(missing)} in {raw} ({reason}). Put the original idx .gz "
+                f"files there, or point data.root or $GECO_DATA at a folder that has {self.folder}/"
+            )
+
+
+MNIST = IdxSet(
+    "mnist",
+    "MNIST/raw",
+    {
+        "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+        "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+        "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+        "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    },
+    ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+)
+FASHION_MNIST = IdxSet(
+    "fashion-mnist",
+    "FashionMNIST/raw",
+    {
+        "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+        "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+        "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+        "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+    },
+    ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+)
+
+
+def _read_idx(path: Path) -> Tensor:
+    """Decode an idx file (big-endian header: magic 0x0000080N, N sizes; then uint8 data)."""
+    stat = path.stat()
+    return _read_idx_cached(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_idx_cached(path: str, mtime_ns: int, size: int) -> Tensor:
+    try:
+        with gzip.open(path, "rb") as f:
+            data = bytearray(f.read())
+        magic = int.from_bytes(data[:4], "big")
+        if magic >> 8 != 0x08:
+            raise ValueError(f"magic number {magic:#x} is not that of an idx uint8 file")
+        ndim = magic & 0xFF
+        shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+        array = torch.frombuffer(data, dtype=torch.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, EOFError, ValueError, RuntimeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    return array.clone()
+
+
+def mnist(root: str | None = None, split: str = "train", download: bool = True) -> ImageData:
+    """MNIST digits, 1x28x28, labels 0-9 (LeCun et al. 1998)."""
+    return MNIST.load(root, split, download)
+
+
+def fashion_mnist(root: str | None = None, split: str = "train", download: bool = True) -> ImageData:
+    """Fashion-MNIST, 1x28x28, labels 0-9 (Xiao et al. 2017)."""
+    return FASHION_MNIST.load(root, split, download)
+
+
+def _check_size(n: int | None, default: int) -> int:
+    n = default if n is None else n
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError(f"data.n must be a positive integer, got {n!r}")
+    return n
+
+
+def color_mnist(
+    root: str | None = None, split: str = "train", seed: int = 0, n: int | None = None, download: bool = True
+) -> ImageData:
+    """Color-MNIST: three random MNIST digits as the R, G, B channels, 3x28x28 (Metz et al. 2017).
+
+    Labels (N, 3); ``n`` defaults to the size of the MNIST split."""
+    base = MNIST.load(root, split, download)
+    n = _check_size(n, len(base))
+    g = torch.Generator().manual_seed(seed * 2 + SPLITS.index(split))
+    idx = torch.randint(len(base), (n, 3), generator=g)
+    return ImageData(images=base.images[idx, 0], labels=base.labels[idx])
+
+
+def triplets(labels: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """Indices ``(n, 3)`` of digit triplets with ``l2 = (l0 + l1) mod 10``: I0 and I1 uniform, I2
+    uniform among the digits of class ``l2``."""
+    i01 = torch.randint(len(labels), (n, 2), generator=generator)
+    l2 = labels[i01].sum(1) % 10
+    return torch.cat([i01, _of_class(labels, l2, generator).unsqueeze(1)], dim=1)
+
+
+def _of_class(labels: Tensor, classes: Tensor, generator: torch.Generator) -> Tensor:
+    """One uniformly drawn index of class ``classes[i]`` for each ``i``."""
+    order = torch.argsort(labels, stable=True)
+    counts = torch.bincount(labels, minlength=10)
+    starts = torch.cumsum(counts, 0) - counts
+    u = torch.rand(len(classes), generator=generator, dtype=torch.float64)
+    pick = (u * counts[classes]).long().clamp_max(counts[classes] - 1)
+    return order[starts[classes] + pick]
+
+
+def mnist_triplets(
+    root: str | None = None, split: str = "train", seed: int = 0, n: int | None = None, download: bool = True
+) -> ImageData:
+    """MNIST-triplets: digits (I0, I1, I2) with l2 = (l0 + l1) mod 10, as channels of a 3x28x28 image.
+
+    Modelled jointly (the paper's section 4); labels (N, 3); ``n`` defaults to the split's size."""
+    base = MNIST.load(root, split, download)
+    n = _check_size(n, len(base))
+    g = torch.Generator().manual_seed(seed * 2 + SPLITS.index(split))
+    idx = triplets(base.labels, n, g)
+    return ImageData(images=base.images[idx, 0], labels=base.labels[idx])

@@ -1,0 +1,38 @@
+"""Hook specifications of the ``geco`` plugin system (pluggy).
+
+A plugin is a module announced in the entry-point group ``geco``; it implements any of these hooks
+with ``@geco_core.hookimpl`` and calls ``register`` once per thing it provides::
+
+    @hookimpl
+    def geco_register_constraints(register):
+        register(MyConstraint)            # a Constraint subclass with a class attribute ``name``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+__all__ = ["hookspec", "hookimpl"]
+
+hookspec = pluggy.HookspecMarker("geco")
+hookimpl = pluggy.HookimplMarker("geco")
+
+Register = Callable[..., Any]
+
+
+@hookspec
+def geco_register_constraints(register: Register) -> None:
+    """Register constraint classes: ``register(cls, name=None, description=None)``."""
+
+
+@hookspec
+def geco_register_models(register: Register) -> None:
+    """Register model classes or factories: ``register(factory, name=None, description=None)``."""
+
+
+@hookspec
+def geco_register_datasets(register: Register) -> None:
+    """Register dataset factories: ``register(factory, name=None, description=None)``."""

@@ -1,0 +1,87 @@
+"""What every model returns and the posterior it is built on.
+
+A model maps targets ``x`` (and a context, if conditional) to decoder logits and a per-example KL in
+nats; ``x_hat = sigmoid(logits)`` is the reconstruction mean, pixels in [0, 1]. Models sample from
+their prior with :meth:`VAE.sample`.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import math
+from typing import ClassVar
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Output", "DiagonalGaussian", "VAE"]
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@attrs.frozen(eq=False, slots=False)
+class Output:
+    """One forward pass: ``logits`` (B, C, H, W) and ``kl`` (B,) in nats, summed over latents."""
+
+    logits: Tensor
+    kl: Tensor
+
+    @functools.cached_property
+    def x_hat(self) -> Tensor:
+        """The reconstruction mean, ``sigmoid(logits)``, pixels in [0, 1]."""
+        return torch.sigmoid(self.logits)
+
+
+@attrs.frozen(eq=False)
+class DiagonalGaussian:
+    """``N(mu, diag(exp(log_var)))`` over the last dimension; batch in the first."""
+
+    mu: Tensor
+    log_var: Tensor
+
+    def rsample(self) -> Tensor:
+        """Reparameterised sample ``mu + sigma * eps``, eps ~ N(0, I)."""
+        return self.mu + (0.5 * self.log_var).exp() * torch.randn_like(self.mu)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """``log q(z)`` in nats, summed over the latent dimension: ``(B,)``."""
+        return -0.5 * ((z - self.mu).square() / self.log_var.exp() + self.log_var + LOG_2PI).sum(-1)
+
+    def kl_standard_normal(self) -> Tensor:
+        """Analytic ``KL(q || N(0, I)) = 0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2)``, nats: ``(B,)``."""
+        return 0.5 * (self.mu.square() + self.log_var.exp() - 1.0 - self.log_var).sum(-1)
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """``log N(z; 0, I)`` summed over the last dimension, nats."""
+    return -0.5 * (z.square() + LOG_2PI).sum(-1)
+
+
+class VAE(nn.Module, abc.ABC):
+    """Base of the models: ``forward(x, context=None) -> Output`` and ``sample(n, context=None)``.
+
+    Subclasses set ``name`` (registry name) and take ``image_shape=(C, H, W)`` (and ``context_shape``
+    if ``conditional``) from the dataset.
+    """
+
+    name: ClassVar[str] = ""
+    conditional: ClassVar[bool] = False
+
+    def __init__(self, image_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.image_shape = tuple(int(s) for s in image_shape)
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Output:
+        """Encode, sample ``z ~ q(z|x)``, decode: logits and per-example KL."""
+
+    @abc.abstractmethod
+    def sample_logits(self, n: int, context: Tensor | None = None) -> Tensor:
+        """Decoder logits for ``n`` draws from the prior, ``(n, C, H, W)``."""
+
+    @torch.no_grad()
+    def sample(self, n: int, context: Tensor | None = None) -> Tensor:
+        """``n`` samples from the prior, as decoder means in [0, 1]."""
+        return torch.sigmoid(self.sample_logits(n, context))

@@ -1,0 +1,99 @@
+"""Plots of a run: the training trajectory (the paper's Figure 1) and image grids (Figure 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["plot_trajectory", "save_grid", "as_displayable"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_trajectory(
+    records: Sequence[dict[str, float]], kappas: dict[str, float | None], path: Path, title: str = ""
+) -> Path:
+    """Figure 1 of the paper for one run, iteration encoded by colour in every panel:
+    the information plane (KL vs pixel RMSE), each constraint's reached value against its kappa
+    line, the equivalent beta (= 1/lambda for GECO), and the KL over training.
+
+    ``kappas`` maps a component name to its kappa, for components whose ``name/reached`` was logged.
+    """
+    plt = _pyplot()
+    steps = [r["step"] for r in records]
+    shown = [n for n in kappas if records and f"{n}/reached" in records[-1]]
+    betas = [k for k in (records[-1] if records else {}) if k.endswith("/beta")] or ["beta"]
+    panels = 3 + len(shown)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.8), squeeze=False)
+    axes = list(axes[0])
+    style = dict(c=steps, cmap="viridis", s=8)
+
+    def series(key: str) -> list[float]:
+        return [r.get(key, float("nan")) for r in records]
+
+    ax = axes.pop(0)
+    points = ax.scatter(series("kl"), series("rmse"), **style)
+    ax.set(xlabel="KL (nats)", ylabel="pixel RMSE", title="information plane", yscale="log")
+    for name in shown:
+        ax = axes.pop(0)
+        ax.scatter(steps, series(f"{name}/reached"), **style)
+        if kappas[name] is not None:
+            ax.axhline(kappas[name], color="crimson", ls="--", lw=1, label=f"κ = {kappas[name]:g}")
+            ax.legend(loc="upper right")
+        ax.set(xlabel="iteration", ylabel="reached (moving average)", title=f"constraint {name}")
+    ax = axes.pop(0)
+    for key in betas:
+        ax.scatter(steps, series(key), **style)
+    label = "β = 1/λ" if betas != ["beta"] else "β"
+    ax.set(xlabel="iteration", ylabel=label, title=f"equivalent {label}", yscale="log")
+    ax = axes.pop(0)
+    ax.scatter(steps, series("kl"), **style)
+    ax.set(xlabel="iteration", ylabel="KL (nats)", title="KL")
+    fig.colorbar(points, ax=fig.axes, label="iteration", shrink=0.9)
+    if title:
+        fig.suptitle(title, y=1.03)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def as_displayable(images: Tensor) -> Tensor:
+    """Images with 1 or 3 channels as they are; other channel counts side by side in grey."""
+    b, c, h, w = images.shape
+    if c in (1, 3):
+        return images
+    return images.permute(0, 2, 1, 3).reshape(b, 1, h, c * w)
+
+
+def save_grid(rows: Sequence[Tensor], path: Path, labels: Sequence[str] = ()) -> Path:
+    """One row per tensor (e.g. data, reconstructions, samples), pixels in [0, 1]."""
+    from geco_core.compat import torchvision
+
+    rows = [as_displayable(r.detach().float().cpu().clamp(0, 1)) for r in rows]
+    channels = max(r.shape[1] for r in rows)
+    rows = [r.expand(-1, channels, -1, -1) for r in rows]
+    grid = torchvision.utils.make_grid(torch.cat(rows), nrow=len(rows[0]), padding=2, pad_value=1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not labels:
+        torchvision.utils.save_image(grid, path)
+        return path
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(grid.shape[2] / 50, grid.shape[1] / 50 + 0.3))
+    ax.imshow(grid.permute(1, 2, 0).numpy())
+    step = grid.shape[1] / len(rows)
+    ax.set_yticks([step * (i + 0.5) for i in range(len(rows))], list(labels))
+    ax.set_xticks([])
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

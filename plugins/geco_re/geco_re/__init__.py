@@ -1,0 +1,86 @@
+"""RE, the pixel reconstruction error constraint of GECO (Table 1 of the paper)::
+
+    C(x, x_hat) = mean over pixels of (x - x_hat)^2  -  kappa^2          (<= 0 when met)
+
+kappa is a root-mean-square error per pixel, for pixels in [0, 1] (the paper uses 0.06 to 0.175).
+The paper's table writes a sum over pixels; the mean makes kappa independent of the image size.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from geco_core import Batch, ConfigError, Constraint, check_same_shape, hookimpl
+
+__all__ = ["ReconstructionError"]
+
+PER = ("image", "channel", "pixel")
+
+
+class ReconstructionError(Constraint):
+    """Pixel reconstruction error mean((x - x_hat)^2) - kappa^2, kappa a pixel RMSE.
+
+    Args:
+        kappa: the tolerated root-mean-square pixel error, > 0 (pixels in [0, 1]).
+        per: ``"image"`` bounds the error over the whole image (one component); ``"channel"``
+            bounds each channel's error (C components); ``"pixel"`` bounds every dimension
+            independently (C*H*W components), the paper's "bound the reconstruction error
+            independently for each dimension".
+        image_shape: ``(C, H, W)``, needed for ``per="channel"`` or ``"pixel"`` (the trainer passes it).
+    """
+
+    name = "re"
+    units = "pixel RMSE (pixels in [0, 1])"
+
+    def __init__(
+        self, kappa: float, per: str = "image", image_shape: tuple[int, int, int] | None = None
+    ) -> None:
+        super().__init__()
+        if (
+            isinstance(kappa, bool)
+            or not isinstance(kappa, int | float)
+            or not kappa > 0
+            or kappa == math.inf
+        ):
+            raise ConfigError(f"re: kappa must be a pixel RMSE > 0 (e.g. 0.1), got {kappa!r}")
+        if per not in PER:
+            raise ConfigError(f"re: per must be one of {', '.join(PER)}; got {per!r}")
+        if per != "image" and (image_shape is None or len(image_shape) != 3 or min(image_shape) < 1):
+            raise ConfigError(f"re: per={per!r} needs image_shape=(C, H, W), got {image_shape!r}")
+        self.kappa = float(kappa)
+        self.per = per
+        self.image_shape = None if image_shape is None else tuple(int(s) for s in image_shape)
+        if per == "image":
+            self.dim = 1
+        else:
+            self.dim = self.image_shape[0] if per == "channel" else math.prod(self.image_shape)
+
+    def forward(self, batch: Batch) -> Tensor:
+        x, x_hat = batch.x, batch.x_hat
+        check_same_shape(self.name, x, x_hat)
+        if self.per != "image" and tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"re: per={self.per!r} was set up for images {self.image_shape}, got {tuple(x.shape[1:])}"
+            )
+        sq = (x - x_hat).square()
+        if self.per == "image":
+            mse = sq.flatten(1).mean(dim=1, keepdim=True)
+        elif self.per == "channel":
+            mse = sq.flatten(2).mean(dim=2)
+        else:
+            mse = sq.flatten(1)
+        return mse - self.kappa**2
+
+    def reached(self, values: Tensor) -> Tensor:
+        """The pixel RMSE that constraint values stand for: ``sqrt(value + kappa^2)``."""
+        return (values + self.kappa**2).clamp_min(0).sqrt()
+
+    def extra_repr(self) -> str:
+        return f"kappa={self.kappa}, per={self.per!r}"
+
+
+@hookimpl
+def geco_register_constraints(register):
+    register(ReconstructionError)
