@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train from a TOML config into a new run folder")
     p.add_argument("config", help="a TOML config, e.g. configs/quickstart.toml")
     p.add_argument(
-        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override a config value (TOML syntax), e.g. --set train.steps=200 --set constraints.0.kappa=0.08",
     )
     p.add_argument("--run-dir", help="the run folder (default: logging.dir/<name>-<time>)")

@@ -165,9 +165,7 @@ class Config:
             raise ConfigError("constraints must be an array of tables: [[constraints]]")
         config = cls(
             **{k: _section(sections[k], k, data[k]) for k in data if k != "constraints"},
-            constraints=tuple(
-                _section(ConstraintConfig, f"constraints[{i}]", t) for i, t in enumerate(tables)
-            ),
+            constraints=tuple(_section(ConstraintConfig, f"constraints[{i}]", t) for i, t in enumerate(tables)),
         )
         return config._check_registered()
 
@@ -201,14 +199,10 @@ class Config:
         )
         model = attrs.evolve(
             self.model,
-            options=_options(
-                "model", "model", self.model.name, self.model.options, {"image_shape", "context_shape"}
-            ),
+            options=_options("model", "model", self.model.name, self.model.options, {"image_shape", "context_shape"}),
         )
         constraints = tuple(
-            attrs.evolve(
-                c, options=_options(f"constraints[{i}]", "constraint", c.name, c.options, {"image_shape"})
-            )
+            attrs.evolve(c, options=_options(f"constraints[{i}]", "constraint", c.name, c.options, {"image_shape"}))
             for i, c in enumerate(self.constraints)
         )
         return attrs.evolve(self, data=data, model=model, constraints=constraints)
@@ -249,9 +243,7 @@ def _section(cls: type, prefix: str, table: Any) -> Any:
         raise ConfigError(f"[{prefix}]: {exc}") from None
 
 
-def _options(
-    prefix: str, kind: str, name: str, options: dict[str, Any], injected: set[str]
-) -> dict[str, Any]:
+def _options(prefix: str, kind: str, name: str, options: dict[str, Any], injected: set[str]) -> dict[str, Any]:
     """Check a section's extra keys against the registered factory's keyword arguments and types."""
     try:
         entry = registry().get(kind, name)
@@ -264,9 +256,7 @@ def _options(
         if p not in injected and params[p].kind in (params[p].KEYWORD_ONLY, params[p].POSITIONAL_OR_KEYWORD)
     ]
     try:
-        hints = typing.get_type_hints(
-            entry.factory.__init__ if inspect.isclass(entry.factory) else entry.factory
-        )
+        hints = typing.get_type_hints(entry.factory.__init__ if inspect.isclass(entry.factory) else entry.factory)
     except Exception:  # noqa: BLE001 - unresolvable annotations: check names only
         hints = {}
     checked = {}

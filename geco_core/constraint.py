@@ -87,8 +87,7 @@ def check_same_shape(name: str, x: Tensor, x_hat: Tensor) -> None:
     """Raise a one-line ValueError when targets and reconstructions differ in shape."""
     if x.shape != x_hat.shape:
         raise ValueError(
-            f"{name}: targets and reconstructions differ in shape: x {tuple(x.shape)} vs "
-            f"x_hat {tuple(x_hat.shape)}"
+            f"{name}: targets and reconstructions differ in shape: x {tuple(x.shape)} vs x_hat {tuple(x_hat.shape)}"
         )
     if x.ndim < 2:
         raise ValueError(f"{name}: expected a batch of shape (B, ...), got {tuple(x.shape)}")

@@ -139,9 +139,7 @@ class GECO(nn.Module):
         for c, dim in zip(self._constraints, self.dims):
             v = c(batch)
             if v.ndim != 2 or v.shape[1] != dim:
-                raise ValueError(
-                    f"constraint {c.name!r} returned shape {tuple(v.shape)}, expected (batch, {dim})"
-                )
+                raise ValueError(f"constraint {c.name!r} returned shape {tuple(v.shape)}, expected (batch, {dim})")
             values.append(v)
         return torch.cat(values, dim=1)
 

@@ -137,9 +137,7 @@ def _register(
     if name in reg.entries[kind]:
         first = reg.entries[kind][name]
         reg.failures.append(
-            PluginFailure(
-                plugin, distribution, f"{kind} {name!r} is already registered by {first.distribution}"
-            )
+            PluginFailure(plugin, distribution, f"{kind} {name!r} is already registered by {first.distribution}")
         )
         return
     doc = description or inspect.getdoc(factory) or ""
@@ -157,9 +155,7 @@ def create(kind: str, name: str, /, **kwargs: Any) -> Any:
     )
     unknown = [k for k in kwargs if not entry.accepts(k)]
     if unknown:
-        raise ConfigError(
-            f"{kind} {name!r}: unknown argument {unknown[0]!r} (accepts: {accepted or 'nothing'})"
-        )
+        raise ConfigError(f"{kind} {name!r}: unknown argument {unknown[0]!r} (accepts: {accepted or 'nothing'})")
     try:
         inspect.signature(entry.factory).bind(**kwargs)
     except TypeError as exc:

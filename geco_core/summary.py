@@ -19,11 +19,11 @@ from geco_core.plots import plot_trajectory, save_grid
 from geco_core.training import (
     MAX_LOGGED_COMPONENTS,
     Experiment,
-    write_atomic,
     evaluate_heldout,
     evaluating,
     heldout_split,
     read_metrics,
+    write_atomic,
 )
 
 __all__ = ["summarise", "format_summary", "AT_BOUND"]

@@ -97,7 +97,9 @@ def build_constraint(spec: ConstraintConfig, image_shape: tuple[int, int, int]) 
     return create("constraint", spec.name, **extra, **spec.options)
 
 
-def build_objective(cfg: ObjectiveConfig, constraints: list[nn.Module], specs: tuple[ConstraintConfig, ...]) -> Objective:
+def build_objective(
+    cfg: ObjectiveConfig, constraints: list[nn.Module], specs: tuple[ConstraintConfig, ...]
+) -> Objective:
     if cfg.name == "geco":
         g = cfg.geco
         geco = GECO(
@@ -183,14 +185,30 @@ class Experiment:
             raise CheckpointError(f"checkpoint does not fit this run's config: {str(exc).splitlines()[0]}") from None
 
 
+@contextlib.contextmanager
+def _named(section: str) -> Iterator[None]:
+    """Prefix a factory's ConfigError with the config section it came from."""
+    try:
+        yield
+    except ConfigError as exc:
+        text = str(exc)
+        raise ConfigError(text if text.startswith(section) else f"{section}: {text}") from None
+
+
 def build(config: Config, device: str | torch.device | None = None) -> Experiment:
     """Seed, then build data, model, constraints, objective and optimiser from ``config``."""
     dev = _device(config.train.device) if device is None else torch.device(device)
     torch.manual_seed(config.train.seed)
-    data = load_dataset(config, "train")
-    model = build_model(config, data).to(dev)
-    constraints = [build_constraint(c, data.image_shape).to(dev) for c in config.constraints]
-    objective = build_objective(config.objective, constraints, config.constraints).to(dev)
+    with _named("data"):
+        data = load_dataset(config, "train")
+    with _named("model"):
+        model = build_model(config, data).to(dev)
+    constraints = []
+    for i, spec in enumerate(config.constraints):
+        with _named(f"constraints[{i}]"):
+            constraints.append(build_constraint(spec, data.image_shape).to(dev))
+    with _named("objective"):
+        objective = build_objective(config.objective, constraints, config.constraints).to(dev)
     params = [p for p in [*model.parameters(), *objective.parameters()] if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.train.lr)
     batches = Batches(len(data), config.train.batch_size, config.train.seed)
@@ -342,7 +360,13 @@ def _log_values(exp: Experiment, metrics: dict[str, Tensor]) -> tuple[dict[str, 
 # --- training ----------------------------------------------------------------------------------
 
 
-def train(config_path: str | Path | None = None, *, config: Config | None = None, overrides=(), run_dir: Path | None = None) -> Path:
+def train(
+    config_path: str | Path | None = None,
+    *,
+    config: Config | None = None,
+    overrides: tuple[str, ...] | list[str] = (),
+    run_dir: str | Path | None = None,
+) -> Path:
     """Start a new run from a config file (or a Config) in a new run folder; returns the folder."""
     if config is None:
         if config_path is None:
@@ -442,4 +466,3 @@ def heldout_split(exp: Experiment) -> tuple[str, ImageData]:
         return "test", load_dataset(exp.config, "test")
     except (ConfigError, DataError):
         return "train", exp.data
-

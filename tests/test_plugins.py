@@ -156,9 +156,7 @@ def test_broken_plugins_are_reported_by_name_without_taking_the_others_down(inst
     out = geco_cli("constraints", env=installed_plugins)
     assert "broken plugin 'broken' (geco-broken): ModuleNotFoundError" in out.stderr
     assert "broken plugin 'raises' (geco-raises): RuntimeError: registration exploded" in out.stderr
-    assert (
-        "broken plugin 'clash' (geco-clash): constraint 're' is already registered by geco-re" in out.stderr
-    )
+    assert "broken plugin 'clash' (geco-clash): constraint 're' is already registered by geco-re" in out.stderr
     assert "Traceback" not in out.stderr
 
 

@@ -45,9 +45,7 @@ class ImageData:
 
     def __attrs_post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise ValueError(
-                f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
-            )
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
         for name in ("labels", "context"):
             t = getattr(self, name)
             if t is not None and len(t) != len(self.images):
@@ -90,9 +88,7 @@ class Batches:
 
     def __attrs_post_init__(self) -> None:
         if self.batch_size > self.size:
-            raise ConfigError(
-                f"train.batch_size ({self.batch_size}) is larger than the dataset ({self.size})"
-            )
+            raise ConfigError(f"train.batch_size ({self.batch_size}) is larger than the dataset ({self.size})")
 
     @property
     def per_epoch(self) -> int:

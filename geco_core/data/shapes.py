@@ -20,9 +20,7 @@ __all__ = ["shapes", "KINDS"]
 
 KINDS = ("circle", "square", "triangle")
 SPLITS = {"train": 0, "test": 1}
-_TRIANGLE_NORMALS = torch.tensor(
-    [[math.cos(a), math.sin(a)] for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)]
-)
+_TRIANGLE_NORMALS = torch.tensor([[math.cos(a), math.sin(a)] for a in (math.pi / 2, 7 * math.pi / 6, 11 * math.pi / 6)])
 
 
 def shapes(

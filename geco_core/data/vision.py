@@ -48,9 +48,7 @@ def celeba(root: str | None = None, split: str = "train", download: bool = False
     T = torchvision.transforms
     transform = T.Compose([T.CenterCrop(148), T.Resize(64), T.PILToTensor()])
     try:
-        ds = torchvision.datasets.CelebA(
-            str(path), split=split, target_type=[], transform=transform, download=download
-        )
+        ds = torchvision.datasets.CelebA(str(path), split=split, target_type=[], transform=transform, download=download)
     except Exception as exc:  # noqa: BLE001
         raise DataError(
             f"celeba: cannot load from {path} ({type(exc).__name__}: {exc}). Put img_align_celeba/ and "

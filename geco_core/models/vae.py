@@ -26,11 +26,11 @@ class ConvEncoder(nn.Module):
     def __init__(self, image_shape: Sequence[int], channels: Sequence[int], hidden: int) -> None:
         super().__init__()
         c, h, w = image_shape
+        if min(h, w) >> len(channels) < 1:
+            raise ConfigError(f"model: {len(channels)} strided layers (channels) are too many for {h}x{w} images")
         self.sizes: list[tuple[int, int]] = []
         layers: list[nn.Module] = []
         for out in channels:
-            if min(h, w) < 2:
-                raise ConfigError(f"model: {len(channels)} strided layers are too many for {h}x{w} images")
             self.sizes.append((h, w))
             layers += [nn.Conv2d(c, out, 4, stride=2, padding=1), nn.SiLU()]
             c, h, w = out, h // 2, w // 2
@@ -52,9 +52,7 @@ class ConvDecoder(nn.Module):
         super().__init__()
         c, h, w = self.features = encoder.features
         self.sizes = list(reversed(encoder.sizes))
-        self.fc = nn.Sequential(
-            nn.Linear(latent_dim, hidden), nn.SiLU(), nn.Linear(hidden, c * h * w), nn.SiLU()
-        )
+        self.fc = nn.Sequential(nn.Linear(latent_dim, hidden), nn.SiLU(), nn.Linear(hidden, c * h * w), nn.SiLU())
         widths = list(reversed(channels))
         self.deconvs = nn.ModuleList(
             nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1)

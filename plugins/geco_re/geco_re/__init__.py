@@ -34,16 +34,9 @@ class ReconstructionError(Constraint):
     name = "re"
     units = "pixel RMSE (pixels in [0, 1])"
 
-    def __init__(
-        self, kappa: float, per: str = "image", image_shape: tuple[int, int, int] | None = None
-    ) -> None:
+    def __init__(self, kappa: float, per: str = "image", image_shape: tuple[int, int, int] | None = None) -> None:
         super().__init__()
-        if (
-            isinstance(kappa, bool)
-            or not isinstance(kappa, int | float)
-            or not kappa > 0
-            or kappa == math.inf
-        ):
+        if isinstance(kappa, bool) or not isinstance(kappa, int | float) or not kappa > 0 or kappa == math.inf:
             raise ConfigError(f"re: kappa must be a pixel RMSE > 0 (e.g. 0.1), got {kappa!r}")
         if per not in PER:
             raise ConfigError(f"re: per must be one of {', '.join(PER)}; got {per!r}")
@@ -61,9 +54,7 @@ class ReconstructionError(Constraint):
         x, x_hat = batch.x, batch.x_hat
         check_same_shape(self.name, x, x_hat)
         if self.per != "image" and tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(
-                f"re: per={self.per!r} was set up for images {self.image_shape}, got {tuple(x.shape[1:])}"
-            )
+            raise ValueError(f"re: per={self.per!r} was set up for images {self.image_shape}, got {tuple(x.shape[1:])}")
         sq = (x - x_hat).square()
         if self.per == "image":
             mse = sq.flatten(1).mean(dim=1, keepdim=True)

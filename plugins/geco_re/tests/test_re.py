@@ -20,10 +20,7 @@ def naive(x: torch.Tensor, x_hat: torch.Tensor, kappa: float, per: str) -> torch
     B, C, H, W = x.shape
     rows = []
     for b in range(B):
-        sq = [
-            [[float(x[b, c, i, j] - x_hat[b, c, i, j]) ** 2 for j in range(W)] for i in range(H)]
-            for c in range(C)
-        ]
+        sq = [[[float(x[b, c, i, j] - x_hat[b, c, i, j]) ** 2 for j in range(W)] for i in range(H)] for c in range(C)]
         if per == "image":
             rows.append([sum(v for ch in sq for row in ch for v in row) / (C * H * W) - kappa**2])
         elif per == "channel":

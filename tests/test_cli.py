@@ -1,0 +1,97 @@
+"""The ``geco`` command as a user runs it: exit codes, one-line errors without a traceback, and the
+summary at the end of a run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import tomli_w
+from test_training import TINY
+
+
+def write_config(tmp_path, doc=TINY, name="tiny.toml"):
+    path = tmp_path / name
+    path.write_text(tomli_w.dumps(doc))
+    return path
+
+
+def assert_user_error(out, *fragments):
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    lines = [l for l in out.stderr.splitlines() if l.startswith("geco: error:")]
+    assert len(lines) == 1, out.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_train_prints_the_summary_table_and_the_plot_paths(tmp_path, geco_cli):
+    sets = ["--set", "train.steps=6", "--set", "train.log_every=3"]
+    out = geco_cli("train", write_config(tmp_path), "--run-dir", tmp_path / "run", *sets)
+    assert out.returncode == 0, out.stderr
+    header = next(l for l in out.stdout.splitlines() if l.startswith("constraint"))
+    assert header.split() == ["constraint", "kappa", "reached", "held-out", "status", "lambda", "beta"]
+    row = out.stdout.splitlines()[out.stdout.splitlines().index(header) + 1].split()
+    assert row[:2] == ["re", "0.1500"]
+    assert str(tmp_path / "run" / "plots" / "trajectory.png") in out.stdout
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--set", "train.steps=-1"], ["train.steps must be > 0, got -1"]),
+        (["--set", "constraints.0.kappa=0"], ["constraints[0]", "kappa must be a pixel RMSE > 0"]),
+        (["--set", "model.name='unet'"], ["unknown model 'unet'"]),
+        (["--set", "data.n=-3"], ["data.n must be an integer >= 1, got -3"]),
+        (["--set", "steps"], ["--set expects section.key=value"]),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, geco_cli, args, fragments):
+    out = geco_cli("train", write_config(tmp_path), "--run-dir", tmp_path / "run", *args)
+    assert_user_error(out, *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_files_are_a_user_error_naming_the_files(tmp_path, geco_cli):
+    doc = {**TINY, "data": {"name": "mnist", "root": str(tmp_path / "empty"), "download": False}}
+    out = geco_cli("train", write_config(tmp_path, doc), "--run-dir", tmp_path / "run")
+    assert_user_error(out, "missing train-images-idx3-ubyte.gz", str(tmp_path / "empty" / "MNIST" / "raw"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_config_file_is_a_user_error(tmp_path, geco_cli):
+    assert_user_error(geco_cli("train", tmp_path / "nope.toml"), "nope.toml does not exist")
+
+
+def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path, geco_cli):
+    assert_user_error(geco_cli("resume", tmp_path), "is not a run folder (no config.toml)")
+
+
+def test_resume_of_a_truncated_checkpoint_exits_2_and_leaves_the_run_as_it_was(tmp_path, geco_cli):
+    run = tmp_path / "run"
+    assert geco_cli("train", write_config(tmp_path), "--run-dir", run, "--set", "train.steps=4").returncode == 0
+    ckpt = run / "checkpoints" / "latest.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
+    assert_user_error(geco_cli("resume", run, "--steps", "8"), "unreadable (truncated or corrupt?)")
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_resume_continues_a_run_to_more_steps(tmp_path, geco_cli):
+    run = tmp_path / "run"
+    assert geco_cli("train", write_config(tmp_path), "--run-dir", run, "--set", "train.steps=4").returncode == 0
+    out = geco_cli("resume", run, "--steps", "8")
+    assert out.returncode == 0, out.stderr
+    assert "8 steps (4 now" in out.stdout
+    assert "steps = 8" in (run / "config.toml").read_text()
+
+
+def test_models_and_datasets_are_listed(geco_cli):
+    models, datasets = geco_cli("models"), geco_cli("datasets")
+    assert models.returncode == datasets.returncode == 0
+    assert {"conv-vae", "mlp-vae"} <= {l.split()[0] for l in models.stdout.splitlines()[1:]}
+    assert {"shapes", "mnist", "fashion-mnist", "color-mnist", "mnist-triplets", "cifar10", "celeba"} <= {
+        l.split()[0] for l in datasets.stdout.splitlines()[1:]
+    }
