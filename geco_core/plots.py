@@ -34,7 +34,7 @@ def plot_trajectory(
     shown = [n for n in kappas if records and f"{n}/reached" in records[-1]]
     betas = [k for k in (records[-1] if records else {}) if k.endswith("/beta")] or ["beta"]
     panels = 3 + len(shown)
-    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.8), squeeze=False, layout="constrained")
     axes = list(axes[0])
     style = dict(c=steps, cmap="viridis", s=8)
 
@@ -49,7 +49,7 @@ def plot_trajectory(
         ax.scatter(steps, series(f"{name}/reached"), **style)
         if kappas[name] is not None:
             ax.axhline(kappas[name], color="crimson", ls="--", lw=1, label=f"κ = {kappas[name]:g}")
-            ax.legend(loc="upper right")
+            ax.legend(loc="best")
         ax.set(xlabel="iteration", ylabel="reached (moving average)", title=f"constraint {name}")
     ax = axes.pop(0)
     for key in betas:
@@ -61,9 +61,9 @@ def plot_trajectory(
     ax.set(xlabel="iteration", ylabel="KL (nats)", title="KL")
     fig.colorbar(points, ax=fig.axes, label="iteration", shrink=0.9)
     if title:
-        fig.suptitle(title, y=1.03)
+        fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

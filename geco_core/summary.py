@@ -1,9 +1,10 @@
 """The end of a run: held-out evaluation, each constraint against its kappa, plots, summary.json.
 
 A constraint component's status is ``met`` when its moving average ``c_ma <= 0``; ``at bound``
-when it is above 0 but its reached value is within ``AT_BOUND`` (relative) of kappa, which is
-where GECO holds a constraint that KL minimisation pushes against; ``violated`` otherwise. For
-objectives other than GECO, the held-out mean decides.
+when it is above 0 but its reached value is within ``AT_BOUND`` (2%, relative) of kappa, on either
+side, which is where GECO holds an active constraint that KL minimisation pushes against (its
+moving average then hovers around 0); ``violated`` otherwise. For objectives other than GECO, the
+held-out mean decides.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _status(c_ma: float | None, reached: float | None, kappa: float | None) -> s
         return "-"
     if c_ma <= 0:
         return "met"
-    if reached is not None and kappa and reached <= kappa * (1 + AT_BOUND):
+    if reached is not None and kappa and abs(reached - kappa) <= AT_BOUND * abs(kappa):
         return "at bound"
     return "violated"
 

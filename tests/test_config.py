@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from conftest import REPO
+from helpers import REPO
 
 from geco_core import ConfigError
 from geco_core.config import Config, load_config

@@ -1,5 +1,6 @@
-"""`pip install geco-core geco-re` is how users get geco: both wheels build, install into a new
-virtual environment (with the pinned CPU torch) and work there, away from this source tree."""
+"""`pip install geco-core geco-re ...` is how users get geco: every distribution builds as a wheel, and
+the wheels install into a new virtual environment (with the pinned CPU torch) and work there, away
+from this source tree, shipped weights included."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import REPO
+from helpers import REPO
 
 USER_LOOP = textwrap.dedent("""
     import torch

@@ -6,7 +6,7 @@ import re
 import textwrap
 
 import torch
-from conftest import REPO
+from helpers import REPO
 
 
 def python_blocks() -> list[str]:

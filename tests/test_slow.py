@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import REPO
+from test_data import needs_mnist
 
-from conftest import REPO
 from geco_core.config import load_config
 from geco_core.training import read_metrics, train
-from test_data import needs_mnist
 
 pytestmark = pytest.mark.slow
 

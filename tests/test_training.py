@@ -12,7 +12,7 @@ import tomllib
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 from test_data import needs_mnist
 
 from geco_core import CheckpointError, ConfigError
@@ -192,3 +192,20 @@ def test_every_shipped_config_trains(tmp_path, path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["trained_steps"] == 3 and summary["constraints"]
     assert all(math.isfinite(m["loss"]) for m in read_metrics(run))
+
+
+@pytest.mark.parametrize(
+    "c_ma, reached, kappa, status",
+    [
+        (-0.01, 0.09, 0.1, "met"),
+        (0.001, 0.101, 0.1, "at bound"),  # an upper bound (RE) a hair above kappa
+        (0.001, 0.895, 0.9, "at bound"),  # a lower bound (CLA) a hair below kappa
+        (0.02, 0.2, 0.1, "violated"),
+        (0.05, 0.5, 0.9, "violated"),
+        (0.01, None, None, "violated"),
+    ],
+)
+def test_summary_status_is_met_at_bound_or_violated_for_upper_and_lower_bounds(c_ma, reached, kappa, status):
+    from geco_core.summary import _status
+
+    assert _status(c_ma, reached, kappa) == status

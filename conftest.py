@@ -1,0 +1,12 @@
+"""Settings for every test directory (tests/ and each plugin's tests/): hypothesis without deadlines,
+since timings on a loaded 2-core machine vary."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import settings
+
+settings.register_profile("default", deadline=None, max_examples=60)
+settings.register_profile("thorough", deadline=None, max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))

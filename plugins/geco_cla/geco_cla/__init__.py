@@ -1,0 +1,92 @@
+"""CLA, the classification-accuracy constraint of GECO (Table 1 of the paper)::
+
+    C(x, x_hat) = kappa - p_c(true class of x | x_hat)          per example, <= 0 when met
+
+c is a frozen convolutional MNIST classifier (``network.py``): the reconstruction must still be
+recognised as the right digit with probability at least kappa. The paper's table prints
+``l(x)^T c(g(z)) - kappa``, which would be satisfied by *failing* to classify; the sign here is the
+one that makes it a ``<= 0`` constraint.
+
+The true class comes from the batch's labels, or, where the data has none (or ``use_labels=False``),
+from the classifier's own prediction on the target. Images with C channels of stacked digits
+(Color-MNIST, MNIST-triplets) are classified channel by channel: C components, one multiplier each.
+The classifier is in eval mode and gets no gradient, but gradients flow through it to x_hat.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from geco_cla.network import DigitClassifier, load_classifier
+from geco_core import Batch, ConfigError, Constraint, check_same_shape, freeze, hookimpl
+
+__all__ = ["ClassifierAccuracy", "DigitClassifier", "load_classifier"]
+
+
+class ClassifierAccuracy(Constraint):
+    """Classification accuracy: kappa - p(true class | x_hat), one component per channel of digits.
+
+    Args:
+        kappa: the probability the classifier must give the true class, in (0, 1) (e.g. 0.9).
+        weights: a safetensors file of the same architecture; default the shipped MNIST classifier.
+        use_labels: take the true class from the batch's labels where present (default); otherwise
+            from the classifier's prediction on the target.
+        image_shape: ``(C, 28, 28)``; C digits stacked as channels give C components.
+    """
+
+    name = "cla"
+    units = "probability of the true class"
+
+    def __init__(
+        self,
+        kappa: float,
+        weights: str | None = None,
+        use_labels: bool = True,
+        image_shape: tuple[int, int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(kappa, bool) or not isinstance(kappa, int | float) or not 0 < kappa < 1:
+            raise ConfigError(f"cla: kappa must be a probability in (0, 1), got {kappa!r}")
+        channels = 1
+        if image_shape is not None:
+            channels, h, w = image_shape
+            if (h, w) != (28, 28):
+                raise ConfigError(f"cla: the classifier reads 28x28 digits, but the images are {tuple(image_shape)}")
+        self.kappa, self.use_labels, self.dim = float(kappa), use_labels, int(channels)
+        self.classifier = freeze(load_classifier(Path(weights) if weights else None))
+
+    def forward(self, batch: Batch) -> Tensor:
+        x, x_hat = batch.x, batch.x_hat
+        check_same_shape(self.name, x, x_hat)
+        b, c, h, w = x_hat.shape
+        if c != self.dim or (h, w) != (28, 28):
+            raise ValueError(f"cla: set up for {self.dim} x 28 x 28 images, got {tuple(x_hat.shape[1:])}")
+        log_p = torch.log_softmax(self.classifier(x_hat.reshape(b * c, 1, h, w)), dim=1)
+        true = self._true_class(batch)
+        return self.kappa - log_p.gather(1, true.reshape(b * c, 1)).exp().reshape(b, c)
+
+    def _true_class(self, batch: Batch) -> Tensor:
+        b, c = batch.x.shape[:2]
+        labels = batch.labels
+        if labels is None or not self.use_labels:
+            with torch.no_grad():
+                return self.classifier(batch.x.reshape(b * c, 1, *batch.x.shape[2:])).argmax(1).reshape(b, c)
+        labels = labels.reshape(b, -1)
+        if labels.shape[1] != c:
+            raise ValueError(f"cla: {labels.shape[1]} label(s) per example for {c} channel(s) of digits")
+        return labels.long()
+
+    def reached(self, values: Tensor) -> Tensor:
+        """The mean probability of the true class that constraint values stand for: ``kappa - value``."""
+        return self.kappa - values
+
+    def extra_repr(self) -> str:
+        return f"kappa={self.kappa}, components={self.dim}, use_labels={self.use_labels}"
+
+
+@hookimpl
+def geco_register_constraints(register):
+    register(ClassifierAccuracy)

@@ -1,0 +1,60 @@
+"""geco_core.classifier, the supervised loop the CLA and FRE plugins train their networks with."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from geco_core.classifier import accuracy, train_classifier
+from geco_core.data import ImageData
+
+
+def toy(n: int, seed: int) -> ImageData:
+    """Two classes: a bright left half or a bright right half, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(2, (n,), generator=g)
+    images = torch.rand(n, 1, 8, 8, generator=g) * 100
+    images[labels == 0, :, :, :4] += 150
+    images[labels == 1, :, :, 4:] += 150
+    return ImageData(images=images.clamp(0, 255).to(torch.uint8), labels=labels)
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+
+
+def test_training_learns_and_the_reported_accuracy_is_the_test_accuracy():
+    train, test = toy(512, 0), toy(256, 1)
+    model = net()
+    before = accuracy(model, test)
+    lines = []
+    acc = train_classifier(model, train, test, epochs=3, lr=1e-2, batch_size=64, log=lines.append)
+    assert acc > 0.95 and acc > before and len(lines) == 3
+    assert acc == accuracy(model, test)
+
+
+def test_training_is_deterministic_given_the_seed_and_uses_augment_and_preprocess():
+    train, test = toy(256, 0), toy(64, 1)
+    seen = []
+
+    def augment(x, g):
+        seen.append(x.shape)
+        return (x + 0.01 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+
+    a, b = net(), net()
+    for model in (a, b):
+        train_classifier(
+            model,
+            train,
+            test,
+            epochs=1,
+            lr=1e-2,
+            batch_size=64,
+            seed=3,
+            augment=augment,
+            preprocess=lambda x: x - 0.5,
+            log=lambda _: None,
+        )
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert len(seen) == 2 * (256 // 64)
