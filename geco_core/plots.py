@@ -82,7 +82,12 @@ def save_grid(rows: Sequence[Tensor], path: Path, labels: Sequence[str] = ()) ->
 
     rows = [as_displayable(r.detach().float().cpu().clamp(0, 1)) for r in rows]
     channels = max(r.shape[1] for r in rows)
-    rows = [r.expand(-1, channels, -1, -1) for r in rows]
+    height, width = max(r.shape[2] for r in rows), max(r.shape[3] for r in rows)
+    # same channels and size for every row (contexts may hold more digits side by side than targets)
+    rows = [
+        torch.nn.functional.pad(r.expand(-1, channels, -1, -1), (0, width - r.shape[3], 0, height - r.shape[2]))
+        for r in rows
+    ]
     grid = torchvision.utils.make_grid(torch.cat(rows), nrow=len(rows[0]), padding=2, pad_value=1.0)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not labels:

@@ -149,3 +149,81 @@ def test_data_root_comes_from_argument_then_environment_then_cache(monkeypatch, 
     assert resolve_root() == tmp_path / "cache" / "geco"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert resolve_root() == Path(os.path.expanduser("~")) / ".cache" / "geco"
+
+
+@needs_mnist
+@pytest.mark.parametrize("name", ["mnist-sum", "mnist-sumhard", "mnist-rotate"])
+def test_conditional_sets_are_deterministic_from_the_seed(name):
+    a, b = dataset(name, split="test", n=500, seed=3), dataset(name, split="test", n=500, seed=3)
+    assert torch.equal(a.images, b.images) and torch.equal(a.context, b.context) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, dataset(name, split="test", n=500, seed=4).images)
+
+
+def _index_of(base: ImageData) -> dict[bytes, int]:
+    return {bytes(img.flatten().tolist()): i for i, img in enumerate(base.images[:, 0])}
+
+
+@needs_mnist
+def test_mnist_sum_targets_are_the_sum_of_the_context_digits_for_every_item():
+    base = dataset("mnist", split="test")
+    index, labels = _index_of(base), base.labels
+    data = dataset("mnist-sum", split="test", n=3000, seed=1)
+    assert data.context.shape == (3000, 2, 28, 28) and data.images.shape == (3000, 1, 28, 28)
+    for ctx, target, label in zip(data.context, data.images, data.labels):
+        l0, l1 = (int(labels[index[bytes(c.flatten().tolist())]]) for c in ctx)
+        l2 = int(labels[index[bytes(target[0].flatten().tolist())]])
+        assert l2 == (l0 + l1) % 10 == int(label)
+
+
+@needs_mnist
+def test_mnist_sumhard_context_is_the_sum_of_the_target_digits_for_every_item():
+    base = dataset("mnist", split="test")
+    index, labels = _index_of(base), base.labels
+    data = dataset("mnist-sumhard", split="test", n=3000, seed=1)
+    assert data.context.shape == (3000, 1, 28, 28) and data.images.shape == (3000, 2, 28, 28)
+    for ctx, target, label in zip(data.context, data.images, data.labels):
+        l0, l1 = (int(labels[index[bytes(t.flatten().tolist())]]) for t in target)
+        assert int(labels[index[bytes(ctx[0].flatten().tolist())]]) == (l0 + l1) % 10
+        assert label.tolist() == [l0, l1]
+
+
+def _rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Counter-clockwise rotation about the centre (as seen: the top moves left) by affine_grid +
+    grid_sample, independent of torchvision's implementation."""
+    a = torch.deg2rad(degrees.double())
+    theta = torch.zeros(len(images), 2, 3, dtype=torch.float64)
+    # output pixel p samples the input at R(a)^-1 p; with rows pointing down that is this matrix
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = a.cos(), -a.sin(), a.sin(), a.cos()
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(images.double(), grid, align_corners=False)
+
+
+@needs_mnist
+def test_mnist_rotate_targets_are_another_instance_of_l0_rotated_by_l1_times_30_degrees():
+    from geco_core.data.mnist import _split_seed, rotate_triplets
+
+    base = dataset("mnist", split="test")
+    n = 2000
+    data = dataset("mnist-rotate", split="test", n=n, seed=2)
+    idx = rotate_triplets(base.labels, n, _split_seed(2, "test"))  # the digits the set was drawn from
+    l0, l1, l2 = (base.labels[idx[:, k]] for k in range(3))
+    assert torch.equal(l2, l0) and (idx[:, 2] != idx[:, 0]).all()  # same class, another instance
+    assert torch.equal(data.labels, l0)
+    assert torch.equal(data.context, base.images[idx[:, :2], 0])
+    expected = _rotate(base.images[idx[:, 2]].double(), 30.0 * l1)
+    got = data.images.double()
+
+    def corr(a, b):
+        a, b = a.flatten(1) - a.flatten(1).mean(1, keepdim=True), b.flatten(1) - b.flatten(1).mean(1, keepdim=True)
+        return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+    assert corr(got, expected).min() > 0.95  # every item: the rotation the label says
+    wrong = _rotate(base.images[idx[:, 2]].double(), 30.0 * l1 + 90)
+    assert (corr(got, expected) > corr(got, wrong)).float().mean() > 0.99
+
+
+def test_the_independent_rotation_turns_counter_clockwise():
+    x = torch.zeros(1, 1, 28, 28)
+    x[0, 0, 2:6, 12:16] = 1.0  # a blob at the top
+    rows, cols = torch.nonzero(_rotate(x, torch.tensor([90.0]))[0, 0] > 0.5, as_tuple=True)
+    assert abs(rows.float().mean() - 13.5) < 1 and cols.float().mean() < 6  # now on the left

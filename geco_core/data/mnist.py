@@ -162,14 +162,22 @@ def triplets(labels: Tensor, n: int, generator: torch.Generator) -> Tensor:
     return torch.cat([i01, _of_class(labels, l2, generator).unsqueeze(1)], dim=1)
 
 
-def _of_class(labels: Tensor, classes: Tensor, generator: torch.Generator) -> Tensor:
-    """One uniformly drawn index of class ``classes[i]`` for each ``i``."""
+def _of_class(labels: Tensor, classes: Tensor, generator: torch.Generator, exclude: Tensor | None = None) -> Tensor:
+    """One uniformly drawn index of class ``classes[i]`` for each ``i`` (other than ``exclude[i]``,
+    which must be of that class, when given)."""
     order = torch.argsort(labels, stable=True)
     counts = torch.bincount(labels, minlength=10)
     starts = torch.cumsum(counts, 0) - counts
     u = torch.rand(len(classes), generator=generator, dtype=torch.float64)
-    pick = (u * counts[classes]).long().clamp_max(counts[classes] - 1)
-    return order[starts[classes] + pick]
+    if exclude is None:
+        pick = (u * counts[classes]).long().clamp_max(counts[classes] - 1)
+        return order[starts[classes] + pick]
+    # draw among the other count - 1 members, then step over the excluded one
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    skip = rank[exclude] - starts[classes]
+    pick = (u * (counts[classes] - 1)).long().clamp_max(counts[classes] - 2)
+    return order[starts[classes] + pick + (pick >= skip).long()]
 
 
 def mnist_triplets(
@@ -183,3 +191,61 @@ def mnist_triplets(
     g = torch.Generator().manual_seed(seed * 2 + SPLITS.index(split))
     idx = triplets(base.labels, n, g)
     return ImageData(images=base.images[idx, 0], labels=base.labels[idx])
+
+
+# --- the paper's conditional tasks (section 4): contexts and targets from digit triplets -----------
+
+
+def _split_seed(seed: int, split: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 2 + SPLITS.index(split))
+
+
+def mnist_sum(
+    root: str | None = None, split: str = "train", seed: int = 0, n: int | None = None, download: bool = True
+) -> ImageData:
+    """MNIST-sum: context (I0, I1), target I2 with l2 = (l0 + l1) mod 10 (conditional).
+
+    Context 2x28x28, target 1x28x28, labels (N,) = l2, the target's class."""
+    base = MNIST.load(root, split, download)
+    idx = triplets(base.labels, _check_size(n, len(base)), _split_seed(seed, split))
+    return ImageData(images=base.images[idx[:, 2]], labels=base.labels[idx[:, 2]], context=base.images[idx[:, :2], 0])
+
+
+def mnist_sumhard(
+    root: str | None = None, split: str = "train", seed: int = 0, n: int | None = None, download: bool = True
+) -> ImageData:
+    """MNIST-sumhard: context I2, targets (I0, I1) with l2 = (l0 + l1) mod 10 (conditional).
+
+    Context 1x28x28, target 2x28x28 (the two digits as channels), labels (N, 2) = (l0, l1)."""
+    base = MNIST.load(root, split, download)
+    idx = triplets(base.labels, _check_size(n, len(base)), _split_seed(seed, split))
+    return ImageData(images=base.images[idx[:, :2], 0], labels=base.labels[idx[:, :2]], context=base.images[idx[:, 2]])
+
+
+def rotate_triplets(labels: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """Indices ``(n, 3)``: I0 and I1 uniform, I2 another instance of class l0 (never I0 itself)."""
+    i01 = torch.randint(len(labels), (n, 2), generator=generator)
+    l0 = labels[i01[:, 0]]
+    return torch.cat([i01, _of_class(labels, l0, generator, exclude=i01[:, 0]).unsqueeze(1)], dim=1)
+
+
+def mnist_rotate(
+    root: str | None = None, split: str = "train", seed: int = 0, n: int | None = None, download: bool = True
+) -> ImageData:
+    """MNIST-rotate: context (I0, I1), target I2 of class l0 rotated by l1 * 30 degrees (conditional).
+
+    I2 is a different instance of l0's class than I0. Rotation counter-clockwise about the centre,
+    bilinear, black outside. Context 2x28x28, target 1x28x28, labels (N,) = l0."""
+    from geco_core.compat import torchvision
+
+    base = MNIST.load(root, split, download)
+    idx = rotate_triplets(base.labels, _check_size(n, len(base)), _split_seed(seed, split))
+    angle = base.labels[idx[:, 1]]
+    target = base.images[idx[:, 2]].clone()
+    for k in range(10):  # one rotation per angle, each on all its images at once
+        sel = angle == k
+        if sel.any() and k:
+            target[sel] = torchvision.transforms.functional.rotate(
+                target[sel], 30.0 * k, interpolation=torchvision.transforms.InterpolationMode.BILINEAR
+            )
+    return ImageData(images=target, labels=base.labels[idx[:, 0]], context=base.images[idx[:, :2], 0])

@@ -16,7 +16,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Output", "DiagonalGaussian", "VAE"]
+__all__ = ["Output", "DiagonalGaussian", "VAE", "standard_normal_log_prob"]
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -48,6 +48,17 @@ class DiagonalGaussian:
     def log_prob(self, z: Tensor) -> Tensor:
         """``log q(z)`` in nats, summed over the latent dimension: ``(B,)``."""
         return -0.5 * ((z - self.mu).square() / self.log_var.exp() + self.log_var + LOG_2PI).sum(-1)
+
+    def kl(self, other: DiagonalGaussian) -> Tensor:
+        """Analytic ``KL(self || other)``, nats, summed over the last dimension: ``(B,)``.
+
+        ``0.5 * sum(log s_o^2 - log s^2 + (s^2 + (mu - mu_o)^2) / s_o^2 - 1)``."""
+        return 0.5 * (
+            other.log_var
+            - self.log_var
+            + (self.log_var.exp() + (self.mu - other.mu).square()) / other.log_var.exp()
+            - 1.0
+        ).sum(-1)
 
     def kl_standard_normal(self) -> Tensor:
         """Analytic ``KL(q || N(0, I)) = 0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2)``, nats: ``(B,)``."""
