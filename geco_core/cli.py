@@ -49,6 +49,73 @@ def _resume(args: argparse.Namespace) -> int:
     return _print_summary(resume(args.run_dir, steps=args.steps))
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from geco_core.evaluation import evaluate_run, format_report
+
+    report = evaluate_run(
+        args.run_dir,
+        examples=args.examples,
+        sigma_examples=args.sigma_examples,
+        marginal_examples=args.marginal_examples,
+        samples_per_example=args.samples,
+        seed=args.seed,
+    )
+    print(format_report(report))
+    print(f"report: {args.run_dir}/eval.json")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from geco_core.sweep import sweep, table
+
+    options = {"examples": args.examples, "marginal_examples": args.marginal_examples, "seed": args.seed}
+    points = sweep(args.configs, args.out, args.kappa, args.objectives, args.set, options)
+    print(table(points))
+    print(f"written: {args.out}/sweep.json, sweep.md, information_plane.png, grids-<config>.png")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from geco_core.config import load_config
+    from geco_core.errors import ConfigError
+    from geco_core.plots import plot_curves
+    from geco_core.training import read_metrics
+
+    runs = []
+    for run in map(Path, args.run_dirs):
+        records = read_metrics(run)
+        if not records:
+            raise ConfigError(f"{run} has no metrics.jsonl to plot")
+        config = load_config(run / "config.toml")
+        geco = config.objective.name == "geco" and config.constraints
+        kappa = config.constraints[0].options.get("kappa") if geco else None
+        runs.append((f"{run.parent.name}/{run.name}", records, kappa))
+    print(plot_curves(runs, Path(args.out)))
+    return 0
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (TOML syntax), e.g. --set train.steps=200 --set constraints.0.kappa=0.08",
+    )
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--examples", type=int, default=10_000, help="held-out examples for NLL/RMSE, train ones for KL")
+    p.add_argument(
+        "--marginal-examples",
+        type=int,
+        help="n of the marginal KL (default by posterior: 10000 Gaussian, 1000 flow, 200 ConvDraw)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the subsets and posterior draws")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="geco", description="Train VAEs with GECO: constraints in data space, KL minimised."
@@ -60,13 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train from a TOML config into a new run folder")
     p.add_argument("config", help="a TOML config, e.g. configs/quickstart.toml")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config value (TOML syntax), e.g. --set train.steps=200 --set constraints.0.kappa=0.08",
-    )
+    _add_set(p)
     p.add_argument("--run-dir", help="the run folder (default: logging.dir/<name>-<time>)")
     p.set_defaults(run=_train)
 
@@ -74,6 +135,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run folder written by geco train")
     p.add_argument("--steps", type=int, help="train to this total number of steps (default: train.steps)")
     p.set_defaults(run=_resume)
+
+    p = sub.add_parser("eval", help="sigma_opt, quantised-normal NLL, RMSE vs kappa, average and marginal KL")
+    p.add_argument("run_dir", help="a run folder written by geco train")
+    _add_eval_options(p)
+    p.add_argument("--sigma-examples", type=int, default=1000, help="train examples for sigma_opt (paper: 1000)")
+    p.add_argument("--samples", type=int, default=1, help="posterior draws per example for the marginal KL")
+    p.set_defaults(run=_eval)
+
+    p = sub.add_parser("sweep", help="train configs over kappa values and objectives, then evaluate and plot")
+    p.add_argument("configs", nargs="+", help="TOML configs; kappa applies to each one's first constraint")
+    p.add_argument("--kappa", type=float, nargs="+", default=[], help="kappa values for the geco runs")
+    p.add_argument(
+        "--objectives", nargs="+", default=["geco"], help="any of elbo, beta, annealed-beta, geco (default: geco)"
+    )
+    p.add_argument("--out", default="runs/sweep", help="the sweep folder (default: runs/sweep); reruns resume it")
+    _add_set(p)
+    _add_eval_options(p)
+    p.set_defaults(run=_sweep)
+
+    p = sub.add_parser("plot", help="KL and RMSE against the iteration for several runs (the paper's Figure 4)")
+    p.add_argument("run_dirs", nargs="+", help="run folders written by geco train")
+    p.add_argument("--out", default="curves.png", help="the image to write (default: curves.png)")
+    p.set_defaults(run=_plot)
     return parser
 
 

@@ -27,7 +27,7 @@ from geco_core.training import (
     write_atomic,
 )
 
-__all__ = ["summarise", "format_summary", "AT_BOUND"]
+__all__ = ["summarise", "format_summary", "grid_rows", "AT_BOUND"]
 
 AT_BOUND = 0.02
 GRID_EXAMPLES = 8
@@ -88,15 +88,17 @@ def constraint_rows(exp: Experiment, heldout: dict[str, Any] | None) -> list[dic
     return rows
 
 
-def _grid(exp: Experiment, data, path: Path) -> Path:
-    batch = data.batch(torch.arange(min(GRID_EXAMPLES, len(data))), exp.device)
+def grid_rows(exp: Experiment, data, n: int = GRID_EXAMPLES) -> tuple[list[torch.Tensor], list[str]]:
+    """The first ``n`` examples of ``data`` (and their contexts), reconstructions and prior samples
+    (given the same contexts): the rows of the paper's Figure 3, with their labels."""
+    batch = data.batch(torch.arange(min(n, len(data))), exp.device)
     with evaluating(exp.model):
         recon = exp.forward(batch).x_hat
         samples = exp.model.sample(len(batch.x), batch.context)
     rows, labels = [batch.x, recon, samples], ["data", "reconstruction", "sample"]
     if batch.context is not None:
         rows, labels = [batch.context, *rows], ["context", *labels]
-    return save_grid(rows, path, labels)
+    return rows, labels
 
 
 def summarise(exp: Experiment, run_dir: Path, trained_steps: int, seconds: float) -> dict[str, Any]:
@@ -111,7 +113,8 @@ def summarise(exp: Experiment, run_dir: Path, trained_steps: int, seconds: float
         kappas = {r["component"]: r["kappa"] for r in rows if "reached" in r}
         title = f"{cfg.objective.name} · {cfg.model.name} · {cfg.data.name}"
         plots["trajectory"] = str(plot_trajectory(records, kappas, run_dir / "plots" / "trajectory.png", title))
-        plots["grid"] = str(_grid(exp, data, run_dir / "plots" / "grid.png"))
+        images, labels = grid_rows(exp, data)
+        plots["grid"] = str(save_grid(images, run_dir / "plots" / "grid.png", labels))
     summary = {
         "run": str(run_dir),
         "objective": cfg.objective.name,

@@ -10,13 +10,13 @@ from __future__ import annotations
 import abc
 import functools
 import math
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import attrs
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Output", "DiagonalGaussian", "VAE", "standard_normal_log_prob"]
+__all__ = ["Output", "Posterior", "DiagonalGaussian", "VAE", "standard_normal_log_prob"]
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -34,6 +34,26 @@ class Output:
         return torch.sigmoid(self.logits)
 
 
+class Posterior(Protocol):
+    """``q(z | x)`` for a batch of examples, over flattened latents ``(B, D)``.
+
+    ``log_prob`` scores any ``z``, not only the posterior's own samples: the marginal KL of
+    :mod:`geco_core.evaluation` evaluates ``log q(z_j | x_i)`` for every pair of examples.
+    """
+
+    def sample(self) -> Tensor:
+        """One draw ``z ~ q(z | x)`` per example, ``(B, D)``."""
+        ...
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """``log q(z_b | x_b)`` in nats for each row b, ``(B,)``."""
+        ...
+
+    def take(self, index: Tensor) -> Posterior:
+        """The posteriors of the examples at ``index`` (repeats allowed)."""
+        ...
+
+
 @attrs.frozen(eq=False)
 class DiagonalGaussian:
     """``N(mu, diag(exp(log_var)))`` over the last dimension; batch in the first."""
@@ -44,6 +64,12 @@ class DiagonalGaussian:
     def rsample(self) -> Tensor:
         """Reparameterised sample ``mu + sigma * eps``, eps ~ N(0, I)."""
         return self.mu + (0.5 * self.log_var).exp() * torch.randn_like(self.mu)
+
+    sample = rsample  # the Posterior protocol's name
+
+    def take(self, index: Tensor) -> DiagonalGaussian:
+        """The posteriors of the examples at ``index``."""
+        return DiagonalGaussian(self.mu[index], self.log_var[index])
 
     def log_prob(self, z: Tensor) -> Tensor:
         """``log q(z)`` in nats, summed over the latent dimension: ``(B,)``."""
@@ -87,6 +113,14 @@ class VAE(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, x: Tensor, context: Tensor | None = None) -> Output:
         """Encode, sample ``z ~ q(z|x)``, decode: logits and per-example KL."""
+
+    def posterior(self, x: Tensor, context: Tensor | None = None) -> Posterior:
+        """``q(z | x)`` (see :class:`Posterior`); models without one do not support the marginal KL."""
+        raise NotImplementedError(f"model {self.name!r} does not expose its posterior")
+
+    def prior_log_prob(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        """``log p(z)`` in nats, ``(B,)``; the standard normal unless the model learns its prior."""
+        return standard_normal_log_prob(z)
 
     @abc.abstractmethod
     def sample_logits(self, n: int, context: Tensor | None = None) -> Tensor:

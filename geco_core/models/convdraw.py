@@ -20,13 +20,14 @@ cores); GQN's own sizes (hidden 256, 5x5 kernels) are options.
 
 from __future__ import annotations
 
+import attrs
 import torch
 from torch import Tensor, nn
 
 from geco_core.errors import ConfigError
 from geco_core.models.base import VAE, DiagonalGaussian, Output
 
-__all__ = ["ConvLSTMCell", "ConvDraw", "ConditionalConvDraw"]
+__all__ = ["ConvLSTMCell", "ConvDraw", "ConditionalConvDraw", "DrawPosterior"]
 
 
 class ConvLSTMCell(nn.Module):
@@ -100,39 +101,84 @@ class _Draw(VAE):
             raise ValueError(f"model {self.name!r} needs the context images")
         return self.context_net(context)
 
-    def forward_steps(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
-        """Logits and the per-step KLs ``KL(q_t || p_t)`` (each ``(B,)``, nats)."""
+    def _unroll(
+        self, x: Tensor, r: Tensor | None, z: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor], Tensor, Tensor, Tensor]:
+        """Run the T steps on targets ``x``, latents drawn from q or, if given, taken from ``z``
+        ``(B, T * Z)``. Returns the logits, the per-step KLs, the latents ``(B, T * Z)``,
+        ``log q(z | x)`` and ``log p(z)`` (nats, ``(B,)``)."""
         n = x.shape[0]
-        r = self._context(context)
         enc, dec = self._state(n, x), self._state(n, x)
         canvas = self.canvas0.expand(n, -1, -1, -1)
-        kls = []
-        for _ in range(self.steps):
+        given = None if z is None else z.view(n, self.steps, -1).unbind(1)
+        kls, zs, log_q, log_p = [], [], x.new_zeros(n), x.new_zeros(n)
+        for t in range(self.steps):
             p = _map_gaussian(self.prior_net(self._with(dec[0], r)))
             features = self.read(torch.cat([x, x - torch.sigmoid(canvas)], dim=1))
             enc = self.encoder(self._with(torch.cat([features, dec[0]], dim=1), r), enc)
             q = _map_gaussian(self.posterior_net(enc[0]))
             kls.append(q.kl(p))
-            z = q.rsample().view(n, self.z_channels, *self.map_size)
-            dec = self.decoder(self._with(z, r), dec)
+            z_t = q.rsample() if given is None else given[t]
+            zs.append(z_t)
+            if z is not None:
+                log_q, log_p = log_q + q.log_prob(z_t), log_p + p.log_prob(z_t)
+            dec = self.decoder(self._with(z_t.view(n, self.z_channels, *self.map_size), r), dec)
             canvas = canvas + self.write(dec[0])
-        return canvas, kls
+        return canvas, kls, torch.cat(zs, 1), log_q, log_p
+
+    def _decode(self, n: int, r: Tensor | None, z: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The decoder alone, latents drawn from the prior or taken from ``z``: logits and ``log p(z)``."""
+        dec = self._state(n, self.canvas0)
+        canvas = self.canvas0.expand(n, -1, -1, -1)
+        given = None if z is None else z.view(n, self.steps, -1).unbind(1)
+        log_p = self.canvas0.new_zeros(n)
+        for t in range(self.steps):
+            p = _map_gaussian(self.prior_net(self._with(dec[0], r)))
+            z_t = p.rsample() if given is None else given[t]
+            if z is not None:
+                log_p = log_p + p.log_prob(z_t)
+            dec = self.decoder(self._with(z_t.view(n, self.z_channels, *self.map_size), r), dec)
+            canvas = canvas + self.write(dec[0])
+        return canvas, log_p
+
+    def forward_steps(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Logits and the per-step KLs ``KL(q_t || p_t)`` (each ``(B,)``, nats)."""
+        logits, kls, *_ = self._unroll(x, self._context(context))
+        return logits, kls
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Output:
         logits, kls = self.forward_steps(x, context)
         return Output(logits, torch.stack(kls).sum(0))
 
+    def posterior(self, x: Tensor, context: Tensor | None = None) -> DrawPosterior:
+        return DrawPosterior(self, x, self._context(context))
+
+    def prior_log_prob(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        """``log p(z) = sum_t log p(z_t | z_<t)`` under the learned autoregressive prior, nats."""
+        return self._decode(len(z), self._context(context), z)[1]
+
     def sample_logits(self, n: int, context: Tensor | None = None) -> Tensor:
         r = self._context(context)
-        if r is not None:
-            n = len(r)
-        dec = self._state(n, self.canvas0)
-        canvas = self.canvas0.expand(n, -1, -1, -1)
-        for _ in range(self.steps):
-            z = _map_gaussian(self.prior_net(self._with(dec[0], r))).rsample().view(n, self.z_channels, *self.map_size)
-            dec = self.decoder(self._with(z, r), dec)
-            canvas = canvas + self.write(dec[0])
-        return canvas
+        return self._decode(n if r is None else len(r), r)[0]
+
+
+@attrs.frozen(eq=False)
+class DrawPosterior:
+    """``q(z | x) = prod_t q(z_t | x, z_<t)`` over the T latent maps, flattened to ``(B, T * Z)``.
+    ``log_prob`` runs the encoder on ``x`` with the decoder fed the given latents (teacher forcing)."""
+
+    model: _Draw
+    x: Tensor
+    r: Tensor | None
+
+    def sample(self) -> Tensor:
+        return self.model._unroll(self.x, self.r)[2]
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        return self.model._unroll(self.x, self.r, z)[3]
+
+    def take(self, index: Tensor) -> DrawPosterior:
+        return DrawPosterior(self.model, self.x[index], None if self.r is None else self.r[index])
 
 
 class ConvDraw(_Draw):

@@ -77,6 +77,12 @@ class FlowPosterior:
             log_q = log_q - log_det
         return z, log_q
 
+    def sample(self) -> Tensor:
+        return self.rsample()[0]
+
+    def take(self, index: Tensor) -> FlowPosterior:
+        return FlowPosterior(self.base.take(index), self.layers, self.h[index])
+
     def log_prob(self, z: Tensor) -> Tensor:
         """``log q(z | x)`` for any ``z`` ``(B, D)``, by inverting the flow (nats, ``(B,)``)."""
         total = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
@@ -113,7 +119,7 @@ class VAENVP(VAE):
         )
         self.decoder = ConvDecoder(self.body, channels, latent_dim, self.image_shape[0], hidden)
 
-    def posterior(self, x: Tensor) -> FlowPosterior:
+    def posterior(self, x: Tensor, context: Tensor | None = None) -> FlowPosterior:
         h = self.body(x)
         mu, log_var = self.base_head(h).chunk(2, dim=-1)
         return FlowPosterior(DiagonalGaussian(mu, log_var), list(self.flow), h)

@@ -76,7 +76,7 @@ class GaussianVAE(VAE):
     encoder: nn.Module
     decoder: nn.Module
 
-    def posterior(self, x: Tensor) -> DiagonalGaussian:
+    def posterior(self, x: Tensor, context: Tensor | None = None) -> DiagonalGaussian:
         """q(z|x), a diagonal Gaussian over ``latent_dim`` dimensions."""
         mu, log_var = self.encoder(x).chunk(2, dim=-1)
         return DiagonalGaussian(mu, log_var)
