@@ -253,10 +253,10 @@ def _marginal(exp: Experiment, train, n: int | None, samples: int, seed: int) ->
     if model.conditional:
         return {"nats": None, "reason": "conditional model: its prior depends on the context"}
     with evaluating(model):
-        try:
-            kind = type(model.posterior(train.batch(torch.arange(1), exp.device).x)).__name__
-        except NotImplementedError as exc:
-            return {"nats": None, "reason": str(exc)}
+        probe = model.posterior(train.batch(torch.arange(1), exp.device).x)
+        if probe is None:
+            return {"nats": None, "reason": f"model {model.name!r} does not expose its posterior"}
+        kind = type(probe).__name__
         n = n or MARGINAL_EXAMPLES.get(kind, 1000)
         batch = train.batch(_subset(len(train), n, seed + 2), exp.device)
         result = marginal_kl(model, batch.x, samples_per_example=samples)

@@ -291,3 +291,13 @@ def test_geco_eval_on_conditional_convdraw_reports_the_marginal_kl_as_not_define
     assert report["nll"]["split"] == "test" and report["nll"]["examples"] == 64
     assert report["marginal_kl"] == {"nats": None, "reason": "conditional model: its prior depends on the context"}
     assert all(math.isfinite(v) for v in _finite_numbers(report))
+
+
+def test_a_model_without_a_posterior_gets_its_marginal_kl_reported_as_undefined():
+    from geco_core.evaluation import _marginal
+    from geco_core.training import build
+
+    exp = build(config())
+    exp.model.posterior = lambda x, context=None: None  # what the VAE base class answers
+    reason = "model 'mlp-vae' does not expose its posterior"
+    assert _marginal(exp, exp.data, 16, 1, 0) == {"nats": None, "reason": reason}

@@ -114,9 +114,10 @@ class VAE(nn.Module, abc.ABC):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Output:
         """Encode, sample ``z ~ q(z|x)``, decode: logits and per-example KL."""
 
-    def posterior(self, x: Tensor, context: Tensor | None = None) -> Posterior:
-        """``q(z | x)`` (see :class:`Posterior`); models without one do not support the marginal KL."""
-        raise NotImplementedError(f"model {self.name!r} does not expose its posterior")
+    def posterior(self, x: Tensor, context: Tensor | None = None) -> Posterior | None:
+        """``q(z | x)`` (see :class:`Posterior`); None where a model does not expose it, which leaves
+        its marginal KL undefined in ``geco eval``."""
+        return None
 
     def prior_log_prob(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         """``log p(z)`` in nats, ``(B,)``; the standard normal unless the model learns its prior."""
