@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
-from geco_core.compat import torchvision
+from geco_core.compat import import_torchvision
 from geco_core.data import Batches, resolve_root
 from geco_core.data.mnist import MNIST, mnist
+
+torchvision = import_torchvision()
 
 
 def images_per_second(batches, n: int) -> float:

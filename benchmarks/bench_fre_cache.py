@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from geco_core.config import Config
 from geco_core.training import build
+from geco_core.training.config import Config
 
 
 def experiment(cache: bool, batch_size: int):

@@ -13,7 +13,7 @@ from torch.utils import benchmark
 
 from geco_core import create
 from geco_core.data.base import DataBatch
-from geco_core.objectives import ELBO, Likelihood
+from geco_core.training.objectives import ELBO
 
 MODELS = ["mlp-vae", "conv-vae", "vae-nvp", "convdraw", "conditional-convdraw"]
 SHAPES = [(1, 28, 28), (3, 28, 28), (3, 32, 32)]
@@ -21,7 +21,7 @@ SHAPES = [(1, 28, 28), (3, 28, 28), (3, 32, 32)]
 
 def make_step(model, objective, opt, batch: DataBatch):
     def step() -> None:
-        loss, _ = objective(model(batch.x, batch.context), batch, 0)
+        loss = objective(model(batch.x, batch.context), batch, 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -48,7 +48,7 @@ def main() -> None:
             kwargs = {"context_shape": (2, *shape[1:])} if conditional else {}
             model = create("model", name, image_shape=shape, **kwargs).to(device)
             params = params or sum(p.numel() for p in model.parameters())
-            objective = ELBO(Likelihood()).to(device)
+            objective = ELBO().to(device)
             opt = torch.optim.Adam([*model.parameters(), *objective.parameters()], lr=1e-3)
             x = torch.rand(args.batch, *shape, device=device)
             ctx = torch.rand(args.batch, 2, *shape[1:], device=device) if conditional else None

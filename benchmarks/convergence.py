@@ -14,8 +14,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from geco_core.config import load_config
-from geco_core.training import read_metrics, train
+from geco_core.training import Run, train
+from geco_core.training.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def main() -> None:
                 "logging.tensorboard=false",
             ]
             run = train(config=load_config(args.config, sets))
-            metrics = read_metrics(run)
+            metrics = Run.open(run).read_metrics()
             kappa = next(c["kappa"] for c in json.loads((run / "summary.json").read_text())["constraints"])
             ratio = [m["re/reached"] / kappa for m in metrics]
             settle = next(

@@ -1,15 +1,35 @@
 """geco: train VAEs with GECO (Rezende & Viola 2018), constraints stated in data space.
 
-The algorithm layer is importable on its own::
+The algorithm layer, importable on its own (torch, pluggy and attrs only)::
 
     from geco_core import GECO, Batch, create_constraint
+
+Floors, each importing only the ones before it: this package (constraint contract, GECO and its
+multiplier controllers, registry, errors) <- ``geco_core.models``, ``geco_core.data`` <-
+``geco_core.training`` <- ``geco_core.evaluation`` <- ``geco_core.cli``.
 """
 
 from __future__ import annotations
 
+import os
+
+# Idle OpenMP workers sleep instead of spinning: on a CPU shared with other work, spinning workers
+# slowed a training step up to 16x (docs/BENCHMARKS.md, "Threads on a shared CPU"). OpenMP reads
+# this when torch loads it, so it is set before anything imports torch; a value already set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from importlib.metadata import PackageNotFoundError, version
 
-from geco_core.constraint import Batch, Constraint, ConstraintLike, check_same_shape, freeze
+from geco_core.constraint import (
+    Batch,
+    Constraint,
+    ConstraintLike,
+    ConstraintStack,
+    check_kappa,
+    check_same_shape,
+    freeze,
+)
+from geco_core.controllers import Controller
 from geco_core.errors import CheckpointError, ConfigError, DataError, GecoError, NonFiniteConstraintError
 from geco_core.geco import GECO
 from geco_core.hookspecs import hookimpl
@@ -25,6 +45,9 @@ __all__ = [
     "Batch",
     "Constraint",
     "ConstraintLike",
+    "ConstraintStack",
+    "Controller",
+    "check_kappa",
     "check_same_shape",
     "freeze",
     "hookimpl",

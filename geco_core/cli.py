@@ -1,15 +1,23 @@
-"""The ``geco`` command line. Every user error ends in one line on stderr and exit code 2."""
+"""The ``geco`` command line. Every user error ends in one line on stderr and exit code 2; a run
+that diverges prints its summary, then one line, and exits with 3."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 
-from geco_core.errors import GecoError
+from geco_core import __version__
+from geco_core.errors import ConfigError, GecoError
 from geco_core.plugins import HOOKS, registry
 
 __all__ = ["main"]
+
+#: what the ``train`` extra installs, by import name (the commands that train, evaluate or plot need it)
+TRAIN_EXTRA = ("tqdm", "matplotlib", "tensorboard", "tomli_w", "safetensors", "numpy")
+EXIT_DIVERGED = 3
 
 
 def _list(kind: str) -> int:
@@ -22,34 +30,62 @@ def _list(kind: str) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
     if not entries:
         print(f"(no {kind}s installed)")
-    for f in reg.failures:
-        print(f"broken plugin {f.plugin!r} ({f.distribution}): {f.error}", file=sys.stderr)
+    for failure in reg.failures:
+        print(f"broken {failure}", file=sys.stderr)
     return 0
+
+
+def _require_train_extra(command: str) -> None:
+    """One line naming the extra (and what is missing) before anything is created."""
+    missing = [m for m in TRAIN_EXTRA if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"geco {command} needs the train extra: pip install 'geco-core[train]' (missing: {', '.join(missing)})"
+        )
 
 
 def _print_summary(run_dir) -> int:
-    import json
-    from pathlib import Path
+    from geco_core.training import Run
+    from geco_core.training.summary import format_summary
 
-    from geco_core.summary import format_summary
-
-    print(format_summary(json.loads((Path(run_dir) / "summary.json").read_text())))
+    summary = Run.open(run_dir).read_summary()
+    if summary is not None:
+        print(format_summary(summary))
     return 0
 
 
+def _training(action) -> int:
+    """Run ``action`` (train or resume) and print the summary; a diverged run exits with 3. Under
+    torchrun only the first process prints."""
+    from geco_core.training import RunDiverged
+
+    first = os.environ.get("RANK", "0") == "0"
+    try:
+        run_dir = action()
+    except RunDiverged as exc:
+        if first:
+            _print_summary(exc.run_dir)
+            print(f"geco: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    return _print_summary(run_dir) if first else 0
+
+
 def _train(args: argparse.Namespace) -> int:
+    _require_train_extra("train")
     from geco_core.training import train
 
-    return _print_summary(train(args.config, overrides=args.set, run_dir=args.run_dir))
+    return _training(lambda: train(args.config, overrides=args.set, run_dir=args.run_dir))
 
 
 def _resume(args: argparse.Namespace) -> int:
+    _require_train_extra("resume")
     from geco_core.training import resume
 
-    return _print_summary(resume(args.run_dir, steps=args.steps))
+    return _training(lambda: resume(args.run_dir, steps=args.steps))
 
 
 def _eval(args: argparse.Namespace) -> int:
+    _require_train_extra("eval")
     from geco_core.evaluation import evaluate_run, format_report
 
     report = evaluate_run(
@@ -66,7 +102,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from geco_core.sweep import sweep, table
+    _require_train_extra("sweep")
+    from geco_core.evaluation import sweep, table
 
     options = {"examples": args.examples, "marginal_examples": args.marginal_examples, "seed": args.seed}
     points = sweep(args.configs, args.out, args.kappa, args.objectives, args.set, options)
@@ -76,22 +113,21 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
+    _require_train_extra("plot")
     from pathlib import Path
 
-    from geco_core.config import load_config
-    from geco_core.errors import ConfigError
-    from geco_core.plots import plot_curves
-    from geco_core.training import read_metrics
+    from geco_core.evaluation import plot_curves
+    from geco_core.training import Run
 
     runs = []
-    for run in map(Path, args.run_dirs):
-        records = read_metrics(run)
+    for path in args.run_dirs:
+        run = Run.open(path)
+        records = run.read_metrics()
         if not records:
-            raise ConfigError(f"{run} has no metrics.jsonl to plot")
-        config = load_config(run / "config.toml")
-        geco = config.objective.name == "geco" and config.constraints
-        kappa = config.constraints[0].options.get("kappa") if geco else None
-        runs.append((f"{run.parent.name}/{run.name}", records, kappa))
+            raise ConfigError(f"{run.path} has no metrics.jsonl to plot")
+        rows = (run.read_summary() or {}).get("constraints", [])
+        kappa = rows[0]["kappa"] if rows and run.config.objective.name != "elbo" and "c_ma" in rows[0] else None
+        runs.append((f"{run.path.parent.name}/{run.path.name}", records, kappa))
     print(plot_curves(runs, Path(args.out)))
     return 0
 
@@ -120,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="geco", description="Train VAEs with GECO: constraints in data space, KL minimised."
     )
+    parser.add_argument("--version", action="version", version=f"geco {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for kind in HOOKS:
         p = sub.add_parser(f"{kind}s", help=f"list the installed {kind}s and where they come from")
@@ -145,10 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="train configs over kappa values and objectives, then evaluate and plot")
     p.add_argument("configs", nargs="+", help="TOML configs; kappa applies to each one's first constraint")
-    p.add_argument("--kappa", type=float, nargs="+", default=[], help="kappa values for the geco runs")
-    p.add_argument(
-        "--objectives", nargs="+", default=["geco"], help="any of elbo, beta, annealed-beta, geco (default: geco)"
-    )
+    p.add_argument("--kappa", type=float, nargs="+", default=[], help="kappa values for the constrained runs")
+    p.add_argument("--objectives", nargs="+", default=["geco"], help="registered objectives (default: geco)")
     p.add_argument("--out", default="runs/sweep", help="the sweep folder (default: runs/sweep); reruns resume it")
     _add_set(p)
     _add_eval_options(p)

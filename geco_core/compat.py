@@ -1,20 +1,22 @@
-"""The one place torchvision and timm are imported: ``from geco_core.compat import torchvision``.
+"""The one place torchvision and timm are imported: :func:`import_torchvision`, :func:`import_timm`.
 
-PyPI's torchvision wheels are CUDA builds; on a CPU-only torch their compiled ops fail to load and
-``import torchvision`` raises ``operator torchvision::nms does not exist``. Declaring the two op
-schemas torchvision's Python code looks up at import time lets it load; ``ops.nms`` and
-``io.read_image`` stay unavailable, and geco uses neither. Where torchvision loads normally this
-does nothing.
+Public, for plugins too. PyPI's torchvision wheels are CUDA builds; on a CPU-only torch their
+compiled ops fail to load and ``import torchvision`` raises ``operator torchvision::nms does not
+exist``. Declaring the two op schemas torchvision's Python code looks up at import time lets it load;
+``ops.nms`` and ``io.read_image`` stay unavailable, and geco uses neither. Where torchvision loads
+normally this does nothing. Both imports take a second or more, so call these only when something
+that needs them is built.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from types import ModuleType
 
 import torch
 
-__all__ = ["torchvision", "import_timm"]
+__all__ = ["import_torchvision", "import_timm"]
 
 _SCHEMAS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -23,7 +25,9 @@ _SCHEMAS = (
 _library: torch.library.Library | None = None  # kept alive: the schemas vanish with it
 
 
-def _import() -> ModuleType:
+@functools.cache
+def import_torchvision() -> ModuleType:
+    """``torchvision``, importable next to a CPU-only torch."""
     global _library
     try:
         import torchvision
@@ -39,12 +43,9 @@ def _import() -> ModuleType:
     return torchvision
 
 
-torchvision = _import()
-
-
 def import_timm() -> ModuleType:
-    """timm imports torchvision, so it is imported here, after the fix above (and only on demand:
-    importing timm takes a second or two)."""
+    """``timm``, after :func:`import_torchvision` (timm imports torchvision)."""
+    import_torchvision()
     import timm
 
     return timm

@@ -1,19 +1,41 @@
-"""The Constraint protocol: what a reconstruction must achieve, as values that are ``<= 0`` when met.
+"""The constraint contract: what a reconstruction must achieve, as values that are ``<= 0`` when met.
 
 A constraint maps a :class:`Batch` to per-example values of shape ``(batch, dim)``. Component ``j`` of
 example ``i`` is satisfied where ``values[i, j] <= 0``; GECO keeps one Lagrange multiplier per
 component and drives the batch mean of each component to ``<= 0``.
+
+Besides the call, the contract (:class:`ConstraintLike`) declares what the trainer, summaries and
+plots read: ``name``, ``dim``, ``component_names``, ``kappa`` and its ``units``, ``reached`` (values
+mapped back to the units of kappa), and two scales that let multiplier controllers work without
+tuning: ``multiplier_scale`` (the lambda at which the constraint weighs as much as the KL; RE:
+``D / (2 kappa^2)``, the ELBO's weight at sigma = kappa) and ``value_scale`` (the size of a
+meaningful change of a value; RE: ``kappa^2``). :class:`Constraint` gives every member a default.
 """
 
 from __future__ import annotations
 
 import abc
+import math
+from collections.abc import Sequence
 from typing import ClassVar, Protocol, runtime_checkable
 
 import attrs
+import torch
 from torch import Tensor, nn
 
-__all__ = ["Batch", "Constraint", "ConstraintLike", "freeze", "check_same_shape", "component_names"]
+from geco_core.errors import ConfigError
+
+__all__ = [
+    "Batch",
+    "Constraint",
+    "ConstraintLike",
+    "CONTRACT",
+    "freeze",
+    "check_same_shape",
+    "check_kappa",
+    "missing_members",
+    "ConstraintStack",
+]
 
 
 @attrs.frozen(eq=False)
@@ -36,30 +58,62 @@ class Batch:
 
 @runtime_checkable
 class ConstraintLike(Protocol):
-    """Anything GECO can stack: a registry ``name``, a number of components ``dim``, and a call."""
+    """Anything GECO can stack. :class:`Constraint` provides every member but ``forward``."""
 
-    name: str
-    dim: int
+    name: str  # registry name
+    dim: int  # number of components
+    kappa: float  # the bound, in ``units``
+    units: str
+    multiplier_scale: float  # natural lambda (> 0), where the constraint weighs as much as the KL
+    value_scale: float  # size of a meaningful change of a value (> 0), in value units
 
-    def __call__(self, batch: Batch) -> Tensor: ...
+    @property
+    def component_names(self) -> Sequence[str]: ...
+
+    def reached(self, values: Tensor) -> Tensor | None:
+        """Values ``(..., dim)`` mapped back to the units of kappa (RE: the pixel RMSE)."""
+        ...
+
+    def __call__(self, batch: Batch) -> Tensor:
+        """Per-example values ``(B, dim)``; ``<= 0`` where satisfied."""
+        ...
+
+
+#: the members of the contract, checked by name when GECO is given a constraint
+CONTRACT = ("name", "dim", "kappa", "units", "multiplier_scale", "value_scale", "component_names", "reached")
+
+
+def missing_members(constraint: object) -> list[str]:
+    """The members of :data:`CONTRACT` that ``constraint`` lacks (plus ``__call__``)."""
+    missing = [m for m in CONTRACT if not hasattr(constraint, m)]
+    return missing if callable(constraint) else [*missing, "__call__"]
 
 
 class Constraint(nn.Module, abc.ABC):
     """Base class for constraints: ``forward(batch) -> (B, dim)``, satisfied where ``<= 0``.
 
-    Subclasses set the class attributes ``name`` (the registry name) and ``units`` (of kappa), and the
-    instance attribute ``dim``; optionally ``component_names`` (one label per component). Networks
+    Subclasses set the class attributes ``name`` (the registry name) and ``units`` (of kappa), and
+    the instance attributes ``kappa`` and ``dim``; where they can, ``multiplier_scale`` and
+    ``value_scale`` (default 1: GECO then works on the raw values) and ``component_names``. Networks
     inside a constraint that must never learn go through :func:`freeze`; they stay in eval mode even
     when GECO is put in training mode.
     """
 
     name: ClassVar[str] = ""
     units: ClassVar[str] = ""
+    kappa: float = math.nan
     dim: int = 1
+    multiplier_scale: float = 1.0
+    value_scale: float = 1.0
 
     @abc.abstractmethod
     def forward(self, batch: Batch) -> Tensor:
         """Per-example values ``(B, dim)``; ``<= 0`` where satisfied."""
+
+    @property
+    def component_names(self) -> list[str]:
+        """One label per component: ``name`` for one component, ``name[j]`` for several."""
+        return [self.name] if self.dim == 1 else [f"{self.name}[{j}]" for j in range(self.dim)]
 
     def reached(self, values: Tensor) -> Tensor | None:
         """Constraint values mapped back to the units of kappa (RE: the pixel RMSE reached), for
@@ -93,11 +147,73 @@ def check_same_shape(name: str, x: Tensor, x_hat: Tensor) -> None:
         raise ValueError(f"{name}: expected a batch of shape (B, ...), got {tuple(x.shape)}")
 
 
-def component_names(constraint: ConstraintLike) -> list[str]:
-    """One label per component: the constraint's own ``component_names``, else ``name`` for a single
-    component and ``name[j]`` for several."""
-    names = getattr(constraint, "component_names", None)
-    if names is not None:
-        return list(names)
-    n = constraint.name
-    return [n] if constraint.dim == 1 else [f"{n}[{j}]" for j in range(constraint.dim)]
+def check_kappa(
+    name: str, kappa: object, low: float, high: float = math.inf, *, what: str, closed_high: bool = False
+) -> float:
+    """``kappa`` as a float if it is a number in ``(low, high)`` (``(low, high]`` with
+    ``closed_high``); else a one-line :class:`ConfigError` saying what it must be (``what``)."""
+    number = isinstance(kappa, int | float) and not isinstance(kappa, bool)
+    inside = number and low < kappa and (kappa <= high if closed_high else kappa < high)
+    if not inside:
+        raise ConfigError(f"{name}: kappa must be {what}, got {kappa!r}")
+    return float(kappa)
+
+
+class ConstraintStack:
+    """Constraints stacked in order, their components forming one vector of length L.
+
+    Names are made unique (two ``re`` become ``re`` and ``re#2``; their components likewise), so
+    everything per component or per constraint can be keyed by name."""
+
+    def __init__(self, constraints: Sequence[ConstraintLike]) -> None:
+        if not constraints:
+            raise ConfigError("GECO needs at least one constraint")
+        for c in constraints:
+            missing = missing_members(c)
+            if missing:
+                raise ConfigError(f"not a constraint: {c!r} lacks {', '.join(missing)} (subclass geco_core.Constraint)")
+            if not isinstance(c.dim, int) or c.dim < 1 or len(c.component_names) != c.dim:
+                raise ConfigError(f"constraint {c.name!r}: dim must be >= 1 with one component name each")
+        self.constraints = list(constraints)
+        self.dims = [int(c.dim) for c in constraints]
+        self.names = unique_names([c.name for c in constraints])
+        self.component_names = unique_names([n for c in constraints for n in c.component_names])
+
+    def __len__(self) -> int:
+        return len(self.constraints)
+
+    @property
+    def num_components(self) -> int:
+        """L, the length of the constraint vector."""
+        return sum(self.dims)
+
+    @property
+    def by_name(self) -> dict[str, ConstraintLike]:
+        """The constraints by (unique) name, in order."""
+        return dict(zip(self.names, self.constraints))
+
+    def evaluate(self, batch: Batch) -> Tensor:
+        """Per-example values of every constraint, stacked in order: ``(B, L)``."""
+        values = []
+        for c, dim in zip(self.constraints, self.dims):
+            v = c(batch)
+            if v.ndim != 2 or v.shape[1] != dim:
+                raise ValueError(f"constraint {c.name!r} returned shape {tuple(v.shape)}, expected (batch, {dim})")
+            values.append(v)
+        return torch.cat(values, dim=1)
+
+    def split(self, tensor: Tensor) -> dict[str, Tensor]:
+        """Views of a ``(..., L)`` tensor, one ``(..., dim)`` per constraint, by constraint name."""
+        if tensor.shape[-1] != self.num_components:
+            raise ValueError(f"split needs a last dimension of {self.num_components}, got {tuple(tensor.shape)}")
+        return dict(zip(self.names, tensor.split(self.dims, dim=-1)))
+
+
+def unique_names(names: Sequence[str]) -> list[str]:
+    """Suffix repeated names: ``[re, re]`` becomes ``[re, re#2]``."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    return out

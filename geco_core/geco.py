@@ -14,6 +14,10 @@ One training step t of Algorithm 1, as :meth:`GECO.lagrangian` computes it::
     loss     = mean KL + lambda^(t-1) . C^t              lambda from the previous step
     log lambda^t = log lambda^(t-1) + lr * c_ma^t        so lambda > 0; it grows while violated
 
+The last two lines are the ``paper`` multiplier controller; other controllers
+(:mod:`geco_core.controllers`) change how lambda starts and moves and how the loss is scaled, and
+may restart lambda, which :meth:`GECO.follow` passes on to the optimiser.
+
 The equivalent beta of a beta-VAE is ``1 / lambda``. KL is in nats per example; each constraint
 documents its own units.
 """
@@ -21,52 +25,61 @@ documents its own units.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from geco_core.constraint import Batch, ConstraintLike, component_names
+from geco_core.constraint import Batch, ConstraintLike, ConstraintStack
+from geco_core.controllers import DEFAULT, build_controller
 from geco_core.errors import ConfigError, NonFiniteConstraintError
 
-__all__ = ["GECO"]
+__all__ = ["GECO", "LOG_LAMBDA_LIMIT"]
 
 Scalars = float | Sequence[float]
-# |log lambda| stays below this, so lambda and lambda * C stay finite in float32 (exp(80) ~ 5.5e34).
-# A guard against overflow to inf (which would turn the loss into NaN), not a modelling bound.
-LOG_LAMBDA_LIMIT = 80.0
+# |log lambda| stays below this: lambda in [1e-12, 1e12]. Then lambda * C stays finite in float32 for
+# any |C| < 3e26, and Adam's second moment (lambda * grad C)^2 for any |grad C| < 1.8e7, so neither
+# the loss nor the optimiser state can overflow. A guard, not a modelling bound (lambda_max is that).
+LOG_LAMBDA_LIMIT = 12 * math.log(10)
+STATE_FORMAT = 2  # version of the extra state (component names) in ``state_dict``
 
 
 class GECO(nn.Module):
     """Lagrange multipliers for a stack of constraints, updated as in Algorithm 1.
 
-    Each option's default is the paper's choice.
+    Each option's default is the paper's choice, except the multiplier controller: the default
+    (``restart``) is the one that keeps GECO's promise across the shipped configs
+    (``benchmarks/multipliers.py``); ``controller="paper"`` is Algorithm 1 exactly.
 
     Args:
-        constraints: the stacked constraints, one multiplier per component, in order.
+        constraints: the stacked constraints (:class:`~geco_core.constraint.ConstraintLike`), one
+            multiplier per component, in order.
         alpha: slowness of the moving average ``c_ma`` (paper: 0.99).
+        controller: how lambda starts and moves: a registered name (``"restart"``, the default;
+            ``"paper"``, Algorithm 1 exactly; ``geco controllers`` lists them), a
+            ``{"name": ..., **options}`` mapping, or a :class:`~geco_core.controllers.Controller`.
         lr: step size on ``log lambda`` (Algorithm 1 only says ``Delta log lambda ∝ C``; default 1).
-            A float, or one value per constraint (or per component) to rescale constraints whose
-            values live on different scales.
-        lambda_init: initial multiplier(s), > 0 (paper: 1).
+            A float, or one value per constraint (or per component).
+        lambda_init: initial multiplier(s), > 0 (paper: 1); controllers that start from the
+            constraints' natural scale multiply it by ``multiplier_scale``.
         lambda_min, lambda_max: optional bounds on lambda, applied after each update (paper: none).
-            Without them ``log lambda`` is still kept within +-80, so that lambda never overflows
-            float32 to inf (which would turn the loss into NaN).
+            Without them lambda is still kept within [1e-12, 1e12] (:data:`LOG_LAMBDA_LIMIT`).
         ma_init: first value of the moving average. ``None`` (paper) starts it at the first batch's
             ``c_hat``; a number starts from that value, so ``c_ma^0 = alpha*ma_init + (1-alpha)*c_hat^0``.
-        warmup: number of updates during which lambda stays fixed while ``c_ma`` already moves
-            (paper: 0).
+        warmup: number of updates during which lambda stays fixed while ``c_ma`` already moves.
         strict: raise :class:`NonFiniteConstraintError` on a non-finite ``c_hat`` instead of skipping
-            that update (paper: silent; skipping is counted in ``skipped`` and reported).
+            that update (skipping is counted in ``skipped`` and reported).
         sync: under ``torch.distributed``, average ``c_hat`` over all processes before the moving
             average, so every process holds the same multipliers.
         dtype: of the buffers (float32; float64 for exact comparisons). Constraint values are cast
             to it, so bf16 constraints still feed a float32 moving average.
 
     Buffers (in ``state_dict``, moved by ``.to``): ``log_lambdas``, ``c_ma``, ``c_hat`` (last batch),
-    ``step`` (updates applied) and ``skipped`` (updates refused for a non-finite ``c_hat``). They
-    change only in training mode.
+    ``step`` (updates applied), ``skipped`` (updates refused for a non-finite ``c_hat``) and the
+    controller's own. They change only in training mode. The state carries the component names: it
+    loads into a GECO whose stack holds the same components in any order, matched by name.
     """
 
     def __init__(
@@ -74,6 +87,7 @@ class GECO(nn.Module):
         constraints: Sequence[ConstraintLike],
         *,
         alpha: float = 0.99,
+        controller: str | Mapping[str, Any] | nn.Module = DEFAULT,
         lr: Scalars = 1.0,
         lambda_init: Scalars = 1.0,
         lambda_min: float | None = None,
@@ -85,25 +99,20 @@ class GECO(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        if not constraints:
-            raise ConfigError("GECO needs at least one constraint")
-        for c in constraints:
-            if not isinstance(c, ConstraintLike) or not isinstance(c.dim, int) or c.dim < 1:
-                raise ConfigError(f"not a constraint (needs name, dim >= 1 and a call): {c!r}")
+        self.stack = ConstraintStack(constraints)
         if not 0.0 <= alpha < 1.0:
             raise ConfigError(f"alpha must be in [0, 1), got {alpha}")
         if warmup < 0:
             raise ConfigError(f"warmup must be >= 0, got {warmup}")
-        if lambda_min is not None and lambda_min <= 0:
-            raise ConfigError(f"lambda_min must be > 0, got {lambda_min}")
+        for key, bound in (("lambda_min", lambda_min), ("lambda_max", lambda_max)):
+            if bound is not None and not 0 < bound < math.inf:
+                raise ConfigError(f"{key} must be > 0 and finite, got {bound}")
         if lambda_min is not None and lambda_max is not None and lambda_max < lambda_min:
             raise ConfigError(f"lambda_max ({lambda_max}) must be >= lambda_min ({lambda_min})")
 
-        modules = [c for c in constraints if isinstance(c, nn.Module)]
-        self.constraints = nn.ModuleList(modules)
-        self._constraints = list(constraints)  # in order, modules or plain callables
-        self.dims = [int(c.dim) for c in constraints]
-        self.component_names = _unique([n for c in constraints for n in component_names(c)])
+        self.constraints = nn.ModuleList([c for c in constraints if isinstance(c, nn.Module)])  # moved by .to
+        self.dims = self.stack.dims
+        self.component_names = self.stack.component_names
         self.alpha = float(alpha)
         self.ma_init = ma_init
         self.warmup = int(warmup)
@@ -111,48 +120,71 @@ class GECO(nn.Module):
         self.sync = sync
         self.log_lambda_min = -LOG_LAMBDA_LIMIT if lambda_min is None else math.log(lambda_min)
         self.log_lambda_max = LOG_LAMBDA_LIMIT if lambda_max is None else math.log(lambda_max)
+        self.log_lambda_min = max(self.log_lambda_min, -LOG_LAMBDA_LIMIT)
+        self.log_lambda_max = min(self.log_lambda_max, LOG_LAMBDA_LIMIT)
 
         lambda0 = self._per_component("lambda_init", lambda_init, dtype)
-        if (lambda0 <= 0).any():
-            raise ConfigError(f"lambda_init must be > 0, got {lambda_init}")
-        log_lambda0 = lambda0.log().clamp(self.log_lambda_min, self.log_lambda_max)
-        self.register_buffer("lr", self._per_component("lr", lr, dtype), persistent=False)
+        if not ((lambda0 > 0) & torch.isfinite(lambda0)).all():
+            raise ConfigError(f"lambda_init must be > 0 and finite, got {lambda_init}")
+        scales = [(float(c.multiplier_scale), float(c.value_scale)) for c in constraints]
+        for c, pair in zip(constraints, scales):
+            if not all(0 < s < math.inf for s in pair):
+                raise ConfigError(f"constraint {c.name!r}: multiplier_scale and value_scale must be > 0, got {pair}")
+        steps = self._per_component("lr", lr, dtype)
+        if not ((steps > 0) & torch.isfinite(steps)).all():
+            raise ConfigError(f"lr must be > 0 and finite, got {lr}")
+        self.register_buffer("lr", steps, persistent=False)
+        self.register_buffer("multiplier_scale", self._expand([s for s, _ in scales], dtype), persistent=False)
+        self.register_buffer("value_scale", self._expand([v for _, v in scales], dtype), persistent=False)
+        self.controller = build_controller(controller)
+        log_lambda0 = self.controller.initial_log_lambdas(lambda0, self).clamp(self.log_lambda_min, self.log_lambda_max)
         self.register_buffer("log_lambdas", log_lambda0)
         self.register_buffer("c_ma", torch.full_like(lambda0, 0.0 if ma_init is None else ma_init))
         self.register_buffer("c_hat", torch.zeros_like(lambda0))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped", torch.zeros((), dtype=torch.long))
+        self.register_buffer("jumped", torch.zeros((), dtype=torch.bool), persistent=False)
+        self.controller.setup(self)
+
+    # --- the stack, by name --------------------------------------------------------------------
 
     @property
     def num_components(self) -> int:
         """L, the length of the constraint vector."""
-        return sum(self.dims)
+        return self.stack.num_components
+
+    @property
+    def constraints_by_name(self) -> dict[str, ConstraintLike]:
+        """The stacked constraints by name (a repeated name gets ``#2``, ``#3``, ...), in order."""
+        return self.stack.by_name
+
+    def split(self, tensor: Tensor) -> dict[str, Tensor]:
+        """Views of a ``(..., L)`` tensor, one ``(..., dim)`` per constraint, by constraint name."""
+        return self.stack.split(tensor)
 
     @property
     def lambdas(self) -> Tensor:
         """The Lagrange multipliers, ``exp(log_lambdas)`` (L,)."""
         return self.log_lambdas.exp()
 
+    # --- Algorithm 1 ---------------------------------------------------------------------------
+
     def evaluate(self, batch: Batch) -> Tensor:
         """Per-example values of every constraint, stacked in order: ``(B, L)``."""
-        values = []
-        for c, dim in zip(self._constraints, self.dims):
-            v = c(batch)
-            if v.ndim != 2 or v.shape[1] != dim:
-                raise ValueError(f"constraint {c.name!r} returned shape {tuple(v.shape)}, expected (batch, {dim})")
-            values.append(v)
-        return torch.cat(values, dim=1)
+        return self.stack.evaluate(batch)
 
     def forward(self, kl: Tensor, batch: Batch) -> Tensor:
-        """``mean(kl) + lambda . C`` for this batch; in training mode also one step of Algorithm 1."""
+        """The loss for this batch (``mean(kl) + lambda . C`` for the paper's controller); in
+        training mode also one step of Algorithm 1."""
         return self.lagrangian(kl, self.evaluate(batch))
 
     def lagrangian(self, kl: Tensor, values: Tensor) -> Tensor:
         """The loss of Algorithm 1 from per-example KL ``(B,)`` (nats) and constraint values ``(B, L)``.
 
         In training mode this updates ``c_ma`` and ``log_lambdas`` (the loss uses lambda from before
-        the update). In eval mode it returns ``mean(kl) + lambda . c_hat`` and changes nothing.
-        """
+        the update). In eval mode it uses ``c_hat`` in place of ``C`` and changes nothing. A batch
+        whose constraint values are not finite changes no multiplier and gives a non-finite loss:
+        skip the optimiser step on it (``if not torch.isfinite(loss)``), as the trainer does."""
         if values.ndim != 2 or values.shape[1] != self.num_components:
             raise ValueError(
                 f"constraint values must have shape (batch, {self.num_components}), got {tuple(values.shape)}"
@@ -160,15 +192,16 @@ class GECO(nn.Module):
         c_hat = values.mean(dim=0)
         lambdas = self.lambdas.to(c_hat.dtype)  # lambda^(t-1): a fresh tensor, safe to update after
         if not self.training:
-            return kl.mean() + (lambdas * c_hat).sum()
+            return self.controller.loss(kl.mean(), lambdas, c_hat, self)
         c_ma = self._update(c_hat.detach(), values.shape[0]).to(c_hat.dtype)
         c = c_hat + (c_ma - c_hat).detach()
-        return kl.mean() + (lambdas * c).sum()
+        return self.controller.loss(kl.mean(), lambdas, c, self)
 
     @torch.no_grad()
     def _update(self, c_hat: Tensor, n: int) -> Tensor:
         """Moving average and multiplier update; returns the new ``c_ma``. Free of host syncs unless
-        ``strict``: a non-finite ``c_hat`` leaves every buffer but ``c_hat`` and ``skipped`` as is."""
+        ``strict`` or the controller needs one: a non-finite ``c_hat`` leaves every buffer but
+        ``c_hat`` and ``skipped`` as it is."""
         c_hat = self._all_processes_mean(c_hat.to(self.c_ma.dtype), n)
         finite = torch.isfinite(c_hat).all()
         if self.strict and not finite:
@@ -176,13 +209,16 @@ class GECO(nn.Module):
                 f"non-finite constraint value at step {int(self.step)}: "
                 + ", ".join(f"{k}={v:g}" for k, v in zip(self.component_names, c_hat.tolist()))
             )
-        blended = self.alpha * self.c_ma + (1.0 - self.alpha) * c_hat
-        c_ma = blended if self.ma_init is not None else torch.where(self.step == 0, c_hat, blended)
-        log_lambdas = (self.log_lambdas + self.lr * c_ma).clamp(self.log_lambda_min, self.log_lambda_max)
+        safe = torch.where(finite, c_hat, self.c_ma)  # keeps NaN out of every later computation
+        blended = self.alpha * self.c_ma + (1.0 - self.alpha) * safe
+        c_ma = blended if self.ma_init is not None else torch.where(self.step == 0, safe, blended)
+        log_lambdas, jumped = self.controller.update(self.log_lambdas, c_ma, finite, self)
+        log_lambdas = log_lambdas.clamp(self.log_lambda_min, self.log_lambda_max)
         if self.warmup:
             log_lambdas = torch.where(self.step >= self.warmup, log_lambdas, self.log_lambdas)
         self.c_ma.copy_(torch.where(finite, c_ma, self.c_ma))
         self.log_lambdas.copy_(torch.where(finite, log_lambdas, self.log_lambdas))
+        self.jumped.copy_(finite & jumped)
         self.c_hat.copy_(c_hat)
         self.step.add_(finite.long())
         self.skipped.add_((~finite).long())
@@ -198,9 +234,22 @@ class GECO(nn.Module):
         dist.all_reduce(total)
         return total[:-1] / total[-1]
 
+    def follow(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Make ``optimizer`` follow a discontinuous change of lambda. Call it after every
+        ``optimizer.step()``: when the controller restarted a multiplier in this step, the
+        optimiser's state (Adam's moment estimates, sized by the old lambda's gradients) is cleared,
+        so its step sizes follow the new lambda; returns whether it was. Controllers that move lambda
+        continuously (``paper``) never clear anything and cost nothing here."""
+        if not self.controller.discontinuous or not bool(self.jumped):
+            return False
+        optimizer.state.clear()
+        return True
+
+    # --- reports and state ---------------------------------------------------------------------
+
     def report(self) -> dict[str, float]:
         """Last step, per component ``name``: ``name/c_hat``, ``name/c_ma``, ``name/lambda`` and
-        ``name/beta`` (= 1/lambda); plus ``geco/step`` and ``geco/skipped``."""
+        ``name/beta`` (= 1/lambda); plus ``geco/step``, ``geco/skipped`` and the controller's own."""
         rows = torch.stack([self.c_hat, self.c_ma, self.lambdas, self.lambdas.reciprocal()]).tolist()
         out: dict[str, float] = {}
         for j, name in enumerate(self.component_names):
@@ -208,11 +257,43 @@ class GECO(nn.Module):
                 out[f"{name}/{key}"] = row[j]
         out["geco/step"] = float(self.step)
         out["geco/skipped"] = float(self.skipped)
+        out.update(self.controller.report(self))
         return out
 
     def satisfied(self) -> Tensor:
         """Boolean ``(L,)``: the moving average of each component is ``<= 0``."""
         return self.c_ma <= 0
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "components": list(self.component_names)}
+
+    def set_extra_state(self, state: Any) -> None:
+        pass  # read (and acted on) in _load_from_state_dict, before the buffers are loaded
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
+        """Match the saved multipliers to this stack by component name (reordering them if the
+        stack lists the same components in another order); a different stack is refused."""
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is None:  # a state from geco 0.1.0, stored by position: taken as it is
+            state_dict[prefix + "_extra_state"] = extra = self.get_extra_state()
+        saved = list(extra["components"]) if isinstance(extra, dict) and "components" in extra else None
+        mine = list(self.component_names)
+        if saved is not None and saved != mine:
+            if sorted(saved) != sorted(mine):
+                raise ConfigError(
+                    f"GECO state holds the components {_short(saved)}, this GECO has {_short(mine)}: "
+                    "multipliers are matched by name, so the stacks must hold the same components"
+                )
+            order = torch.tensor([saved.index(n) for n in mine])
+            for key in self._per_component_keys(prefix):
+                if key in state_dict:
+                    state_dict[key] = state_dict[key][order]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors)
+
+    def _per_component_keys(self, prefix: str) -> list[str]:
+        """State keys of every buffer with one entry per component (GECO's and the controller's)."""
+        own = [prefix + k for k in ("log_lambdas", "c_ma", "c_hat")]
+        return own + [f"{prefix}controller.{k}" for k in self.controller.component_buffers]
 
     def _per_component(self, key: str, value: Scalars, dtype: torch.dtype) -> Tensor:
         """Expand a float, one value per constraint, or one per component, to an ``(L,)`` tensor."""
@@ -220,7 +301,7 @@ class GECO(nn.Module):
             return torch.full((self.num_components,), float(value), dtype=dtype)
         values = [float(v) for v in value]
         if len(values) == len(self.dims):
-            return torch.tensor([v for v, d in zip(values, self.dims) for _ in range(d)], dtype=dtype)
+            return self._expand(values, dtype)
         if len(values) == self.num_components:
             return torch.tensor(values, dtype=dtype)
         raise ConfigError(
@@ -228,15 +309,14 @@ class GECO(nn.Module):
             f"({self.num_components}); got {len(values)}"
         )
 
+    def _expand(self, per_constraint: Sequence[float], dtype: torch.dtype) -> Tensor:
+        return torch.tensor([v for v, d in zip(per_constraint, self.dims) for _ in range(d)], dtype=dtype)
+
     def extra_repr(self) -> str:
-        return f"components={self.component_names}, alpha={self.alpha}, warmup={self.warmup}"
+        return f"components={_short(self.component_names)}, alpha={self.alpha}, warmup={self.warmup}"
 
 
-def _unique(names: list[str]) -> list[str]:
-    """Suffix repeated component names (two stacked ``re`` become ``re`` and ``re#2``)."""
-    seen: dict[str, int] = {}
-    out = []
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
-    return out
+def _short(names: Sequence[str], limit: int = 6) -> str:
+    """``[a, b, c]``, or the first ``limit`` names and how many more."""
+    shown = ", ".join(names[:limit])
+    return f"[{shown}]" if len(names) <= limit else f"[{shown}, ... {len(names) - limit} more]"

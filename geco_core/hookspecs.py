@@ -6,6 +6,9 @@ with ``@geco_core.hookimpl`` and calls ``register`` once per thing it provides::
     @hookimpl
     def geco_register_constraints(register):
         register(MyConstraint)            # a Constraint subclass with a class attribute ``name``
+
+``register(factory, name=None, description=None)``: ``name`` defaults to ``factory.name``, the
+description to the first paragraph of its docstring.
 """
 
 from __future__ import annotations
@@ -25,14 +28,24 @@ Register = Callable[..., Any]
 
 @hookspec
 def geco_register_constraints(register: Register) -> None:
-    """Register constraint classes: ``register(cls, name=None, description=None)``."""
+    """Register constraint classes (``Constraint`` subclasses)."""
+
+
+@hookspec
+def geco_register_controllers(register: Register) -> None:
+    """Register multiplier controllers (``geco_core.controllers.Controller`` subclasses)."""
 
 
 @hookspec
 def geco_register_models(register: Register) -> None:
-    """Register model classes or factories: ``register(factory, name=None, description=None)``."""
+    """Register model classes or factories (``VAE`` subclasses)."""
 
 
 @hookspec
 def geco_register_datasets(register: Register) -> None:
-    """Register dataset factories: ``register(factory, name=None, description=None)``."""
+    """Register dataset factories (returning ``ImageData``)."""
+
+
+@hookspec
+def geco_register_objectives(register: Register) -> None:
+    """Register training objectives (``Objective`` subclasses)."""

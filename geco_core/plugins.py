@@ -1,8 +1,16 @@
-"""Plugin discovery: the ``geco`` entry points, loaded once and lazily through pluggy.
+"""Plugin discovery: the ``geco`` entry points, loaded once and on first use, through pluggy.
 
-Every constraint, model and dataset, built in or from a plugin, is registered the same way and
-found by name. A plugin that fails to import or to register is recorded by name in
-``registry().failures`` (and warned about) without taking the others down.
+Everything is registered the same way and found by name: geco-core's own controllers, models,
+datasets and objectives are entry points of the ``geco-core`` distribution, exactly as a third
+party's constraint is an entry point of its own. A plugin that fails to import, declares a hook
+that does not exist (a misspelling), or fails while registering is recorded by name in
+``registry().failures`` without taking the others down.
+
+Loading a plugin imports only its module: plugins defer heavy imports (torchvision, timm) to the
+moment something that needs them is built.
+
+Modules named in ``$GECO_PLUGINS`` (comma-separated) load as plugins too, without being installed:
+a notebook's or a test's constraint, or ``geco_core.testing`` (its test constraint).
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ import functools
 import importlib
 import importlib.metadata
 import inspect
-import warnings
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -21,25 +29,18 @@ import pluggy
 from geco_core import hookspecs
 from geco_core.errors import ConfigError
 
-__all__ = [
-    "Entry",
-    "PluginFailure",
-    "Registry",
-    "registry",
-    "create",
-    "create_constraint",
-    "ENTRY_POINT_GROUP",
-]
+__all__ = ["Entry", "PluginFailure", "Registry", "registry", "create", "create_constraint", "HOOKS"]
 
 ENTRY_POINT_GROUP = "geco"
+PLUGINS_VARIABLE = "GECO_PLUGINS"
+#: kind -> the hook that registers it
 HOOKS = {
     "constraint": "geco_register_constraints",
+    "controller": "geco_register_controllers",
     "model": "geco_register_models",
     "dataset": "geco_register_datasets",
+    "objective": "geco_register_objectives",
 }
-# Modules of geco_core itself that register through the same hooks as any plugin.
-BUILTIN_PLUGINS: tuple[str, ...] = ("geco_core.models", "geco_core.data")
-CORE_DISTRIBUTION = "geco-core"
 
 
 @attrs.frozen
@@ -53,6 +54,11 @@ class Entry:
     distribution: str
     version: str
     description: str
+
+    def parameters(self) -> dict[str, inspect.Parameter]:
+        """The factory's keyword parameters, by name."""
+        params = inspect.signature(self.factory).parameters.values()
+        return {p.name: p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
     def accepts(self, argument: str) -> bool:
         """Whether the factory takes a keyword ``argument`` (or ``**kwargs``)."""
@@ -68,6 +74,9 @@ class PluginFailure:
     distribution: str
     error: str
 
+    def __str__(self) -> str:
+        return f"plugin {self.plugin!r} ({self.distribution}) failed: {self.error}"
+
 
 @attrs.define
 class Registry:
@@ -81,44 +90,59 @@ class Registry:
         found = self.entries[kind]
         if name in found:
             return found[name]
-        if not found:
-            raise ConfigError(f"unknown {kind} {name!r}: no {kind}s are installed")
-        installed = ", ".join(f"{e.name} ({e.distribution})" for e in found.values())
-        raise ConfigError(f"unknown {kind} {name!r}; installed: {installed}")
+        installed = ", ".join(f"{e.name} ({e.distribution})" for e in found.values()) or "none"
+        broken = "; ".join(map(str, self.failures))
+        raise ConfigError(f"unknown {kind} {name!r}; installed: {installed}" + (f"; {broken}" if broken else ""))
 
     def names(self, kind: str) -> list[str]:
+        """The registered names of ``kind``, sorted."""
         return sorted(self.entries[kind])
 
 
 @functools.cache
 def registry() -> Registry:
-    """Load the built-in modules and every ``geco`` entry point once, then ask each for its
-    registrations. ``registry.cache_clear()`` forgets them (tests install plugins on the fly)."""
+    """Load every ``geco`` entry point once, then ask each plugin for its registrations.
+    ``registry.cache_clear()`` forgets them (tests install plugins on the fly)."""
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
     reg = Registry()
-    for module in BUILTIN_PLUGINS:
-        pm.register(importlib.import_module(module), name=module)
-    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+    for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=_core_first):
         if pm.has_plugin(ep.name):
             continue
+        dist = ep.dist.metadata["Name"] if ep.dist is not None else "?"
         try:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
+            pm.check_pending()  # a hook implementation without a spec: a misspelled hook name
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the others down
-            reg.failures.append(PluginFailure(ep.name, _dist_name(ep.dist), _describe(exc)))
-    origin = {id(plugin): (dist.project_name, dist.version) for plugin, dist in pm.list_plugin_distinfo()}
+            if pm.has_plugin(ep.name):
+                pm.unregister(name=ep.name)
+            reg.failures.append(PluginFailure(ep.name, dist, _describe(exc)))
+    for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_VARIABLE, "").split(","))):
+        if pm.has_plugin(module):
+            continue
+        try:
+            pm.register(importlib.import_module(module), name=module)
+            pm.check_pending()
+        except Exception as exc:  # noqa: BLE001
+            if pm.has_plugin(module):
+                pm.unregister(name=module)
+            reg.failures.append(PluginFailure(module, f"${PLUGINS_VARIABLE}", _describe(exc)))
+    origin = {id(plugin): (d.project_name, d.version) for plugin, d in pm.list_plugin_distinfo()}
     for kind, hook in HOOKS.items():
         # pluggy lists implementations last-registered first; register in load order instead
         for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):
-            dist, version = origin.get(id(impl.plugin), (CORE_DISTRIBUTION, _version(CORE_DISTRIBUTION)))
+            dist, version = origin.get(id(impl.plugin), (f"${PLUGINS_VARIABLE}", "-"))
             register = functools.partial(_register, reg, kind, impl.plugin_name, dist, version)
             try:
                 impl.function(register=register)
             except Exception as exc:  # noqa: BLE001
                 reg.failures.append(PluginFailure(impl.plugin_name, dist, _describe(exc)))
-    for f in reg.failures:
-        warnings.warn(f"geco plugin {f.plugin!r} ({f.distribution}) failed: {f.error}", stacklevel=2)
     return reg
+
+
+def _core_first(ep: importlib.metadata.EntryPoint) -> tuple[bool, str]:
+    """geco-core's own entry points first, so a plugin can never shadow a built-in name."""
+    return (ep.dist is None or ep.dist.metadata["Name"] != "geco-core", ep.name)
 
 
 def _register(
@@ -149,13 +173,10 @@ def create(kind: str, name: str, /, **kwargs: Any) -> Any:
     """Build the registered ``kind`` called ``name`` from keyword arguments; a wrong name or
     argument fails with a ConfigError that says what is accepted."""
     entry = registry().get(kind, name)
-    params = inspect.signature(entry.factory).parameters
-    accepted = ", ".join(
-        p.name for p in params.values() if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
-    )
+    accepted = ", ".join(entry.parameters()) or "nothing"
     unknown = [k for k in kwargs if not entry.accepts(k)]
     if unknown:
-        raise ConfigError(f"{kind} {name!r}: unknown argument {unknown[0]!r} (accepts: {accepted or 'nothing'})")
+        raise ConfigError(f"{kind} {name!r}: unknown argument {unknown[0]!r} (accepts: {accepted})")
     try:
         inspect.signature(entry.factory).bind(**kwargs)
     except TypeError as exc:
@@ -166,17 +187,6 @@ def create(kind: str, name: str, /, **kwargs: Any) -> Any:
 def create_constraint(name: str, /, **kwargs: Any) -> Any:
     """``create("constraint", name, **kwargs)``: e.g. ``create_constraint("re", kappa=0.1)``."""
     return create("constraint", name, **kwargs)
-
-
-def _dist_name(dist: importlib.metadata.Distribution | None) -> str:
-    return dist.metadata["Name"] if dist is not None else "?"
-
-
-def _version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _describe(exc: BaseException) -> str:

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-PLUGINS=(plugins/geco_re plugins/geco_pncc plugins/geco_cla plugins/geco_fre)
+PLUGINS=(plugins/geco_re plugins/geco_pncc plugins/geco_cla plugins/geco_fre plugins/geco_lightning)
 stamp=.venv/.geco-installed
 want=$(cat constraints.txt pyproject.toml "${PLUGINS[@]/%//pyproject.toml}" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

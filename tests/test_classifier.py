@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from geco_core.classifier import accuracy, train_classifier
 from geco_core.data import ImageData
+from geco_core.training import accuracy, train_classifier
 
 
 def toy(n: int, seed: int) -> ImageData:

@@ -33,7 +33,7 @@ def test_train_prints_the_summary_table_and_the_plot_paths(tmp_path, geco_cli):
     header = next(l for l in out.stdout.splitlines() if l.startswith("constraint"))
     assert header.split() == ["constraint", "kappa", "reached", "held-out", "status", "lambda", "beta"]
     row = out.stdout.splitlines()[out.stdout.splitlines().index(header) + 1].split()
-    assert row[:2] == ["re", "0.1500"]
+    assert row[:2] == ["test-mae", "0.1500"]
     assert str(tmp_path / "run" / "plots" / "trajectory.png") in out.stdout
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
 
@@ -42,7 +42,7 @@ def test_train_prints_the_summary_table_and_the_plot_paths(tmp_path, geco_cli):
     "args, fragments",
     [
         (["--set", "train.steps=-1"], ["train.steps must be > 0, got -1"]),
-        (["--set", "constraints.0.kappa=0"], ["constraints[0]", "kappa must be a pixel RMSE > 0"]),
+        (["--set", "constraints.0.kappa=0"], ["constraints[0]", "kappa must be a pixel MAE > 0"]),
         (["--set", "model.name='unet'"], ["unknown model 'unet'"]),
         (["--set", "data.n=-3"], ["data.n must be an integer >= 1, got -3"]),
         (["--set", "steps"], ["--set expects section.key=value"]),

@@ -7,13 +7,14 @@ import importlib.metadata
 import json
 
 import pytest
-from helpers import REPO
+from helpers import REPO, needs_plugins, records
 from test_data import needs_mnist
 
-from geco_core.config import load_config
-from geco_core.training import read_metrics, train
+from geco_core.training import train
+from geco_core.training.config import load_config
 
 PLUGINS = {"re": "geco-re", "fre": "geco-fre", "cla": "geco-cla", "pncc": "geco-pncc"}
+pytestmark = needs_plugins
 
 
 def test_geco_constraints_lists_all_four_with_their_distributions(geco_cli):
@@ -37,7 +38,7 @@ def test_each_constraint_config_trains_and_moves_its_constraint_towards_kappa(tm
         "logging.eval_examples=64",
     ]
     run = train(config=load_config(REPO / "configs" / config, sets), run_dir=tmp_path / "run")
-    first, last = read_metrics(run)[0], read_metrics(run)[-1]
+    first, last = records(run)[0], records(run)[-1]
     for c in json.loads((run / "summary.json").read_text())["constraints"]:
         name = c["component"]
         assert last[f"{name}/c_ma"] < first[f"{name}/c_ma"], name  # the violation shrinks

@@ -13,7 +13,7 @@ import torch
 
 from geco_core import DataError, create
 from geco_core.data import Batches, ImageData, resolve_root
-from geco_core.data.mnist import MNIST, _of_class
+from geco_core.data.mnist import MNIST, of_class
 
 HAS_MNIST = all((resolve_root() / "MNIST/raw" / f).is_file() for f in MNIST.files)
 needs_mnist = pytest.mark.skipif(not HAS_MNIST, reason="MNIST idx files not found under $GECO_DATA")
@@ -108,7 +108,7 @@ def test_mnist_triplets_obey_the_sum_rule_for_every_item():
 def test_drawing_by_class_returns_only_that_class_and_covers_it():
     labels = torch.randint(10, (500,), generator=torch.Generator().manual_seed(0))
     classes = torch.full((4000,), 3)
-    picked = _of_class(labels, classes, torch.Generator().manual_seed(1))
+    picked = of_class(labels, classes, torch.Generator().manual_seed(1))
     assert (labels[picked] == 3).all()
     assert set(picked.tolist()) == set(torch.nonzero(labels == 3).flatten().tolist())
 
@@ -120,10 +120,16 @@ def test_missing_files_say_which_files_go_where(tmp_path):
     assert "train-images-idx3-ubyte.gz" in msg and str(tmp_path / "MNIST/raw") in msg and "GECO_DATA" in msg
 
 
-def test_a_failed_download_is_reported_with_the_files(tmp_path):
+def test_a_failed_download_is_reported_with_the_files_and_leaves_no_empty_folders(tmp_path):
     local = attrs.evolve(MNIST, mirrors=("http://127.0.0.1:9/",))  # refuses at once; nothing leaves
+    root = tmp_path / "data"
     with pytest.raises(DataError, match=r"download failed: .*Put the original idx .gz files there"):
-        local.load(str(tmp_path), "train", download=True)
+        local.load(str(root), "train", download=True)
+    assert not root.exists()  # neither data/ nor MNIST/raw/ stays behind
+    (root / "MNIST").mkdir(parents=True)  # a folder the user made is kept
+    with pytest.raises(DataError):
+        local.load(str(root), "train", download=True)
+    assert (root / "MNIST").is_dir() and not (root / "MNIST" / "raw").exists()
 
 
 def test_a_corrupt_idx_file_is_a_clear_error(tmp_path):
@@ -200,12 +206,12 @@ def _rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
 
 @needs_mnist
 def test_mnist_rotate_targets_are_another_instance_of_l0_rotated_by_l1_times_30_degrees():
-    from geco_core.data.mnist import _split_seed, rotate_triplets
+    from geco_core.data.mnist import rotate_triplets, split_generator
 
     base = dataset("mnist", split="test")
     n = 2000
     data = dataset("mnist-rotate", split="test", n=n, seed=2)
-    idx = rotate_triplets(base.labels, n, _split_seed(2, "test"))  # the digits the set was drawn from
+    idx = rotate_triplets(base.labels, n, split_generator(2, "test"))  # the digits the set was drawn from
     l0, l1, l2 = (base.labels[idx[:, k]] for k in range(3))
     assert torch.equal(l2, l0) and (idx[:, 2] != idx[:, 0]).all()  # same class, another instance
     assert torch.equal(data.labels, l0)

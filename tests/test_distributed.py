@@ -33,7 +33,7 @@ def train(rank: int, world: int, distributed: bool = True) -> tuple[torch.Tensor
     model = TinyVAE().double()
     if world > 1 and distributed:
         model = DistributedDataParallel(model)
-    geco = GECO([create_constraint("re", kappa=0.2)], alpha=0.9, lr=5.0, dtype=torch.float64)
+    geco = GECO([create_constraint("test-mae", kappa=0.2)], controller="paper", alpha=0.9, lr=5.0, dtype=torch.float64)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     data = torch.Generator().manual_seed(1)
     part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)

@@ -3,8 +3,6 @@ the annealing schedule), in float64 on random inputs."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from hypothesis import given
@@ -14,7 +12,7 @@ from torch.distributions import Bernoulli, Independent, Normal, kl_divergence
 from geco_core import ConfigError, create
 from geco_core.data.base import DataBatch
 from geco_core.models import DiagonalGaussian, Output
-from geco_core.objectives import ELBO, AnnealedBeta, Beta, Likelihood
+from geco_core.training.objectives import ELBO, AnnealedBeta, Beta, Likelihood
 
 SHAPES = [(1, 28, 28), (3, 28, 28), (3, 32, 32), (3, 64, 64)]
 
@@ -89,18 +87,18 @@ def test_bernoulli_nll_matches_torch_distributions(seed):
 def test_elbo_and_beta_losses_weight_the_kl_by_beta(seed, beta):
     out, x = _output(seed)
     batch = DataBatch(x=x, index=torch.arange(len(x)))
-    lik = Likelihood("gaussian", sigma=0.3).double()
-    nll = lik.nll(out, x)
-    elbo, m = ELBO(lik)(out, batch, step=0)
-    torch.testing.assert_close(elbo, (nll + out.kl).mean())
-    loss, m = Beta(lik, beta)(out, batch, step=0)
-    torch.testing.assert_close(loss, (nll + beta * out.kl).mean())
-    assert m["beta"].item() == pytest.approx(beta)
-    assert m["rmse"].item() == pytest.approx(math.sqrt((x - out.x_hat).square().mean().item()))
+    nll = Likelihood("gaussian", sigma=0.3).double().nll(out, x)
+    elbo = ELBO(sigma=0.3).double()
+    torch.testing.assert_close(elbo(out, batch, step=0), (nll + out.kl).mean())
+    weighted = Beta(beta, sigma=0.3).double()
+    torch.testing.assert_close(weighted(out, batch, step=0), (nll + beta * out.kl).mean())
+    m = weighted.metrics(out, batch, step=0)
+    assert m["beta"].item() == pytest.approx(beta) and m["nll"].item() == pytest.approx(nll.mean().item())
+    assert m["mse"].item() == pytest.approx((x - out.x_hat).square().mean().item())
 
 
 def test_annealed_beta_moves_linearly_from_start_to_end_then_stays():
-    obj = AnnealedBeta(Likelihood(), beta_start=2.0, beta_end=0.7, anneal_steps=100)
+    obj = AnnealedBeta(beta_start=2.0, beta_end=0.7, anneal_steps=100)
     assert obj.beta(0) == 2.0 and obj.beta(100) == pytest.approx(0.7) and obj.beta(5000) == pytest.approx(0.7)
     assert obj.beta(25) == pytest.approx(2.0 - 0.25 * 1.3)
     steps = [obj.beta(s) for s in range(0, 101, 10)]

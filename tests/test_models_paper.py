@@ -9,17 +9,18 @@ import math
 
 import pytest
 import torch
+from helpers import records
 from hypothesis import given
 from hypothesis import strategies as st
 from test_data import needs_mnist
 from torch.distributions import Independent, Normal, kl_divergence
 
 from geco_core import ConfigError, create
-from geco_core.config import Config
 from geco_core.models import ConvDraw, DiagonalGaussian, FlowPosterior
-from geco_core.models.convdraw import _map_gaussian
+from geco_core.models.convdraw import map_gaussian
 from geco_core.models.nvp import AffineCoupling
-from geco_core.training import build, read_metrics, train
+from geco_core.training import build, train
+from geco_core.training.config import Config
 
 SHAPES = [(1, 28, 28), (3, 28, 28), (3, 32, 32), (3, 64, 64)]
 
@@ -67,8 +68,8 @@ def test_convdraw_with_one_step_is_a_conv_vae_computation_wired_through_its_modu
     canvas0 = model.canvas0.expand(5, -1, -1, -1)
     features = model.read(torch.cat([x, x - torch.sigmoid(canvas0)], 1))
     h_enc, _ = model.encoder(torch.cat([features, zeros], 1), (zeros, zeros))
-    q = _map_gaussian(model.posterior_net(h_enc))
-    p = _map_gaussian(model.prior_net(zeros))
+    q = map_gaussian(model.posterior_net(h_enc))
+    p = map_gaussian(model.prior_net(zeros))
     z = q.rsample().view(5, model.z_channels, 7, 7)
     h_dec, _ = model.decoder(z, (zeros, zeros))
     torch.testing.assert_close(logits, canvas0 + model.write(h_dec))
@@ -203,7 +204,7 @@ CASES = [("convdraw", "mnist"), ("vae-nvp", "mnist"), ("conditional-convdraw", "
 @needs_mnist
 @pytest.mark.parametrize("model, data", CASES)
 def test_every_model_trains_on_mnist_and_its_elbo_loss_falls(tmp_path, model, data):
-    metrics = read_metrics(train(config=short(model, data, {"name": "elbo"}, 80), run_dir=tmp_path / "run"))
+    metrics = records(train(config=short(model, data, {"name": "elbo"}, 80), run_dir=tmp_path / "run"))
     first = sum(m["loss"] for m in metrics[:2]) / 2
     last = sum(m["loss"] for m in metrics[-2:]) / 2
     assert last < first and all(math.isfinite(m["loss"]) for m in metrics)
@@ -214,7 +215,7 @@ def test_every_model_trains_on_mnist_and_its_elbo_loss_falls(tmp_path, model, da
 def test_geco_re_brings_every_model_to_a_reachable_kappa_on_mnist(tmp_path, model, data):
     cfg = short(model, data, {"name": "geco", "geco": {"alpha": 0.9, "lr": 1.0}}, 700)
     run = train(config=cfg, run_dir=tmp_path / "run")
-    running = {m["step"]: m["re/reached"] for m in read_metrics(run)}
+    running = {m["step"]: m["re/reached"] for m in records(run)}
     assert running[10] > 1.5 * 0.2
     late = [v for s, v in running.items() if s >= 600]
     assert all(0.9 * 0.2 <= v <= 1.1 * 0.2 for v in late), (min(late), max(late))

@@ -89,6 +89,17 @@ PACKAGES = {
             raise RuntimeError("registration exploded")
     """,
     ),
+    # misspells its hook: registers nothing, and says so
+    "geco-typo": (
+        "typo",
+        """
+        from geco_core import hookimpl
+
+        @hookimpl
+        def geco_register_constrants(register):
+            pass
+    """,
+    ),
     # registers a name that is already taken
     "geco-clash": (
         "clash",
@@ -152,12 +163,18 @@ def test_a_package_installed_during_the_test_is_discovered(installed_plugins, ge
     assert names["re"][0] == "geco-re"  # the clash did not replace the original
 
 
-def test_broken_plugins_are_reported_by_name_without_taking_the_others_down(installed_plugins, geco_cli):
+def test_broken_plugins_are_reported_once_by_name_without_taking_the_others_down(installed_plugins, geco_cli):
     out = geco_cli("constraints", env=installed_plugins)
-    assert "broken plugin 'broken' (geco-broken): ModuleNotFoundError" in out.stderr
-    assert "broken plugin 'raises' (geco-raises): RuntimeError: registration exploded" in out.stderr
-    assert "broken plugin 'clash' (geco-clash): constraint 're' is already registered by geco-re" in out.stderr
-    assert "Traceback" not in out.stderr
+    expected = [
+        "broken plugin 'broken' (geco-broken) failed: ModuleNotFoundError",
+        "broken plugin 'raises' (geco-raises) failed: RuntimeError: registration exploded",
+        "broken plugin 'typo' (geco-typo) failed: PluginValidationError: unknown hook 'geco_register_constrants'",
+        "broken plugin 'clash' (geco-clash) failed: constraint 're' is already registered by geco-re",
+    ]
+    lines = out.stderr.splitlines()
+    for text in expected:
+        assert sum(text in line for line in lines) == 1, (text, out.stderr)
+    assert len(lines) == len(expected) and "Traceback" not in out.stderr and "Warning" not in out.stderr
 
 
 def test_an_installed_plugin_stacks_with_re_in_one_geco(installed_plugins):

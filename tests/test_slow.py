@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import REPO
+from helpers import REPO, needs_plugins, records
 from test_data import needs_mnist
 
-from geco_core.config import load_config
-from geco_core.training import read_metrics, train
+from geco_core.training import train
+from geco_core.training.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_conv_vae_on_mnist_holds_kappa_and_compresses_below_the_elbo(tmp_path):
     elbo = train(REPO / "configs" / "mnist-elbo.toml", overrides=common, run_dir=tmp_path / "elbo")
     g, e = (json.loads((r / "summary.json").read_text()) for r in (geco, elbo))
     kappa = g["constraints"][0]["kappa"]
-    late = [m["re/reached"] for m in read_metrics(geco) if m["step"] >= 2000]
+    late = [m["re/reached"] for m in records(geco) if m["step"] >= 2000]
     assert all(0.9 * kappa <= v <= 1.1 * kappa for v in late)
     # ELBO reconstructs better than it needs to and pays for it in KL (the paper's Figure 2)
     assert e["heldout"]["rmse"] < kappa and e["heldout"]["kl"] > g["heldout"]["kl"]
@@ -41,7 +41,20 @@ def test_every_shipped_config_trains_for_a_thousand_steps(tmp_path):
     for path in sorted((REPO / "configs").glob("*.toml")):
         cfg = load_config(path, ["train.steps=1000", "logging.progress=false", "logging.plots=false"])
         run = train(config=cfg, run_dir=tmp_path / path.stem)
-        first, last = read_metrics(run)[0], read_metrics(run)[-1]
+        first, last = records(run)[0], records(run)[-1]
         assert last["rmse"] < 0.5 * first["rmse"], path.name
         if cfg.objective.name != "geco":  # GECO's loss may grow with lambda; the others must fall
             assert last["loss"] < first["loss"], path.name
+
+
+@needs_mnist
+@needs_plugins
+def test_cla_alone_meets_kappa_with_less_kl_than_stacked_with_re(tmp_path):
+    """The log form of CLA, with the default controller, works alone (it collapsed in 0.1.0)."""
+    common = ["train.steps=3000", "logging.progress=false", "logging.plots=false"]
+    alone = train(REPO / "configs" / "mnist-geco-cla.toml", overrides=common, run_dir=tmp_path / "cla")
+    stacked = train(REPO / "configs" / "mnist-geco-re-cla.toml", overrides=common, run_dir=tmp_path / "re-cla")
+    a, s = (json.loads((r / "summary.json").read_text()) for r in (alone, stacked))
+    (cla,) = a["constraints"]
+    assert cla["heldout_reached"] >= 0.9 * 0.99 and cla["status"] in ("met", "at bound")
+    assert a["heldout"]["kl"] < s["heldout"]["kl"]

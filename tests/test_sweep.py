@@ -12,9 +12,9 @@ import torch
 from test_training import TINY
 
 from geco_core.errors import ConfigError
-from geco_core.plots import plot_information_plane, save_grids
-from geco_core.sweep import plan, sweep
+from geco_core.evaluation import plan, plot_information_plane, sweep
 from geco_core.training import CHECKPOINT
+from geco_core.training.plots import save_grids
 
 EVAL = {"examples": 32, "marginal_examples": 16}
 
@@ -43,7 +43,7 @@ def test_plan_names_runs_by_objective_and_kappa_and_checks_its_arguments(tmp_pat
         plan([_config(tmp_path)], kappas=[-0.1])
     with pytest.raises(ConfigError, match="unknown objective 'elbow'"):
         plan([_config(tmp_path)], objectives=["elbow"])
-    with pytest.raises(ConfigError, match="geco is not among --objectives"):
+    with pytest.raises(ConfigError, match="no objective among --objectives enforces constraints"):
         plan([_config(tmp_path)], kappas=[0.1], objectives=["elbo"])
 
 
@@ -101,8 +101,13 @@ def test_sweep_from_the_command_line_prints_the_table(tmp_path, geco_cli):
 
 def test_information_plane_joins_geco_points_per_group_and_marks_baselines(tmp_path):
     points = [
-        {"group": g, "objective": "geco", "kappa": k, "kl": 10 / k, "nll": 1 + k} for g in "ab" for k in (0.1, 0.2)
-    ] + [{"group": "a", "objective": o, "kappa": None, "kl": 200.0, "nll": 1.0} for o in ("elbo", "annealed-beta")]
+        {"group": g, "objective": "geco", "constrained": True, "kappa": k, "kl": 10 / k, "nll": 1 + k}
+        for g in "ab"
+        for k in (0.1, 0.2)
+    ] + [
+        {"group": "a", "objective": o, "constrained": False, "kappa": None, "kl": 200.0, "nll": 1.0}
+        for o in ("elbo", "annealed-beta")
+    ]
     path = plot_information_plane(points, tmp_path / "plane.png")
     assert min(_png_size(path)) > 300
 
@@ -128,5 +133,8 @@ def test_plot_draws_the_curves_of_several_runs_and_rejects_a_folder_without_metr
     assert min(_png_size(tmp_path / "curves.png")) > 300
     (tmp_path / "empty").mkdir()
     bad = geco_cli("plot", a, tmp_path / "empty", "--out", tmp_path / "x.png")
+    assert bad.returncode == 2 and "is not a run folder" in bad.stderr and "Traceback" not in bad.stderr
+    (b / "metrics.jsonl").unlink()
+    bad = geco_cli("plot", a, b, "--out", tmp_path / "x.png")
     assert bad.returncode == 2 and "has no metrics.jsonl" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "x.png").exists()

@@ -27,7 +27,13 @@ __all__ = [
     "fashion_mnist",
     "color_mnist",
     "mnist_triplets",
+    "mnist_sum",
+    "mnist_sumhard",
+    "mnist_rotate",
     "triplets",
+    "rotate_triplets",
+    "of_class",
+    "split_generator",
 ]
 
 SPLITS = ("train", "test")
@@ -61,8 +67,10 @@ class IdxSet:
         missing = [f for f in self.files if not (raw / f).is_file()]
         reason = "downloading is off (data.download = false)"
         if missing and download:
-            from geco_core.compat import torchvision
+            from geco_core.compat import import_torchvision
 
+            torchvision = import_torchvision()
+            created = [p for p in (raw, *raw.parents) if not p.exists()]  # deepest first
             for f in missing:
                 for mirror in self.mirrors:
                     try:
@@ -70,7 +78,11 @@ class IdxSet:
                         break
                     except Exception as exc:  # noqa: BLE001 - any failure means: try the next mirror
                         reason = f"download failed: {type(exc).__name__}: {exc}".splitlines()[0]
+                        (raw / f).unlink(missing_ok=True)  # a partial or corrupt file is not data
             missing = [f for f in self.files if not (raw / f).is_file()]
+            for folder in created:  # a failed download leaves no empty folders behind
+                if missing and folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
         if missing:
             raise DataError(
                 f"{self.name}: missing {', '.join(missing)} in {raw} ({reason}). Put the original idx .gz "
@@ -159,10 +171,10 @@ def triplets(labels: Tensor, n: int, generator: torch.Generator) -> Tensor:
     uniform among the digits of class ``l2``."""
     i01 = torch.randint(len(labels), (n, 2), generator=generator)
     l2 = labels[i01].sum(1) % 10
-    return torch.cat([i01, _of_class(labels, l2, generator).unsqueeze(1)], dim=1)
+    return torch.cat([i01, of_class(labels, l2, generator).unsqueeze(1)], dim=1)
 
 
-def _of_class(labels: Tensor, classes: Tensor, generator: torch.Generator, exclude: Tensor | None = None) -> Tensor:
+def of_class(labels: Tensor, classes: Tensor, generator: torch.Generator, exclude: Tensor | None = None) -> Tensor:
     """One uniformly drawn index of class ``classes[i]`` for each ``i`` (other than ``exclude[i]``,
     which must be of that class, when given)."""
     order = torch.argsort(labels, stable=True)
@@ -196,7 +208,8 @@ def mnist_triplets(
 # --- the paper's conditional tasks (section 4): contexts and targets from digit triplets -----------
 
 
-def _split_seed(seed: int, split: str) -> torch.Generator:
+def split_generator(seed: int, split: str) -> torch.Generator:
+    """The generator a derived set of ``split`` is drawn with: the two splits never share draws."""
     return torch.Generator().manual_seed(seed * 2 + SPLITS.index(split))
 
 
@@ -207,7 +220,7 @@ def mnist_sum(
 
     Context 2x28x28, target 1x28x28, labels (N,) = l2, the target's class."""
     base = MNIST.load(root, split, download)
-    idx = triplets(base.labels, _check_size(n, len(base)), _split_seed(seed, split))
+    idx = triplets(base.labels, _check_size(n, len(base)), split_generator(seed, split))
     return ImageData(images=base.images[idx[:, 2]], labels=base.labels[idx[:, 2]], context=base.images[idx[:, :2], 0])
 
 
@@ -218,7 +231,7 @@ def mnist_sumhard(
 
     Context 1x28x28, target 2x28x28 (the two digits as channels), labels (N, 2) = (l0, l1)."""
     base = MNIST.load(root, split, download)
-    idx = triplets(base.labels, _check_size(n, len(base)), _split_seed(seed, split))
+    idx = triplets(base.labels, _check_size(n, len(base)), split_generator(seed, split))
     return ImageData(images=base.images[idx[:, :2], 0], labels=base.labels[idx[:, :2]], context=base.images[idx[:, 2]])
 
 
@@ -226,7 +239,7 @@ def rotate_triplets(labels: Tensor, n: int, generator: torch.Generator) -> Tenso
     """Indices ``(n, 3)``: I0 and I1 uniform, I2 another instance of class l0 (never I0 itself)."""
     i01 = torch.randint(len(labels), (n, 2), generator=generator)
     l0 = labels[i01[:, 0]]
-    return torch.cat([i01, _of_class(labels, l0, generator, exclude=i01[:, 0]).unsqueeze(1)], dim=1)
+    return torch.cat([i01, of_class(labels, l0, generator, exclude=i01[:, 0]).unsqueeze(1)], dim=1)
 
 
 def mnist_rotate(
@@ -236,10 +249,12 @@ def mnist_rotate(
 
     I2 is a different instance of l0's class than I0. Rotation counter-clockwise about the centre,
     bilinear, black outside. Context 2x28x28, target 1x28x28, labels (N,) = l0."""
-    from geco_core.compat import torchvision
+    from geco_core.compat import import_torchvision
+
+    torchvision = import_torchvision()
 
     base = MNIST.load(root, split, download)
-    idx = rotate_triplets(base.labels, _check_size(n, len(base)), _split_seed(seed, split))
+    idx = rotate_triplets(base.labels, _check_size(n, len(base)), split_generator(seed, split))
     angle = base.labels[idx[:, 1]]
     target = base.images[idx[:, 2]].clone()
     for k in range(10):  # one rotation per angle, each on all its images at once

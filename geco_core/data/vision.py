@@ -19,7 +19,9 @@ __all__ = ["cifar10", "celeba"]
 
 def cifar10(root: str | None = None, split: str = "train", download: bool = True) -> ImageData:
     """CIFAR-10, 3x32x32, labels 0-9 (Krizhevsky 2009)."""
-    from geco_core.compat import torchvision
+    from geco_core.compat import import_torchvision
+
+    torchvision = import_torchvision()
 
     if split not in ("train", "test"):
         raise ConfigError(f"data.split must be train or test; got {split!r}")
@@ -37,7 +39,9 @@ def cifar10(root: str | None = None, split: str = "train", download: bool = True
 
 def celeba(root: str | None = None, split: str = "train", download: bool = False) -> ImageData:
     """CelebA faces, centre-cropped and resized to 3x64x64 (Liu et al. 2015); no labels."""
-    from geco_core.compat import torchvision
+    from geco_core.compat import import_torchvision
+
+    torchvision = import_torchvision()
 
     if split not in ("train", "valid", "test"):
         raise ConfigError(f"data.split must be train, valid or test; got {split!r}")

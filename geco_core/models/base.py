@@ -119,6 +119,11 @@ class VAE(nn.Module, abc.ABC):
         its marginal KL undefined in ``geco eval``."""
         return None
 
+    def kl(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Per-example ``KL[q(z|x) || p(z)]`` in nats, ``(B,)``: by default from a whole forward pass;
+        models whose KL needs only the encoder override this to skip the decoder."""
+        return self(x, context).kl
+
     def prior_log_prob(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         """``log p(z)`` in nats, ``(B,)``; the standard normal unless the model learns its prior."""
         return standard_normal_log_prob(z)

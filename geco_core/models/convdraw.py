@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from geco_core.errors import ConfigError
 from geco_core.models.base import VAE, DiagonalGaussian, Output
 
-__all__ = ["ConvLSTMCell", "ConvDraw", "ConditionalConvDraw", "DrawPosterior"]
+__all__ = ["ConvLSTMCell", "ConvDraw", "ConditionalConvDraw", "DrawPosterior", "map_gaussian"]
 
 
 class ConvLSTMCell(nn.Module):
@@ -44,7 +44,7 @@ class ConvLSTMCell(nn.Module):
         return torch.sigmoid(o) * torch.tanh(c), c
 
 
-def _map_gaussian(params: Tensor) -> DiagonalGaussian:
+def map_gaussian(params: Tensor) -> DiagonalGaussian:
     """``(B, 2z, h, w)`` conv output -> a diagonal Gaussian over the flattened ``z x h x w`` map."""
     mu, log_var = params.chunk(2, dim=1)
     return DiagonalGaussian(mu.flatten(1), log_var.flatten(1))
@@ -113,10 +113,10 @@ class _Draw(VAE):
         given = None if z is None else z.view(n, self.steps, -1).unbind(1)
         kls, zs, log_q, log_p = [], [], x.new_zeros(n), x.new_zeros(n)
         for t in range(self.steps):
-            p = _map_gaussian(self.prior_net(self._with(dec[0], r)))
+            p = map_gaussian(self.prior_net(self._with(dec[0], r)))
             features = self.read(torch.cat([x, x - torch.sigmoid(canvas)], dim=1))
             enc = self.encoder(self._with(torch.cat([features, dec[0]], dim=1), r), enc)
-            q = _map_gaussian(self.posterior_net(enc[0]))
+            q = map_gaussian(self.posterior_net(enc[0]))
             kls.append(q.kl(p))
             z_t = q.rsample() if given is None else given[t]
             zs.append(z_t)
@@ -133,7 +133,7 @@ class _Draw(VAE):
         given = None if z is None else z.view(n, self.steps, -1).unbind(1)
         log_p = self.canvas0.new_zeros(n)
         for t in range(self.steps):
-            p = _map_gaussian(self.prior_net(self._with(dec[0], r)))
+            p = map_gaussian(self.prior_net(self._with(dec[0], r)))
             z_t = p.rsample() if given is None else given[t]
             if z is not None:
                 log_p = log_p + p.log_prob(z_t)

@@ -128,5 +128,10 @@ class VAENVP(VAE):
         z, log_q = self.posterior(x).rsample()
         return Output(self.decoder(z), log_q - standard_normal_log_prob(z))
 
+    def kl(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """One-sample Monte Carlo, from the encoder and the flow alone (the same draw as ``forward``)."""
+        z, log_q = self.posterior(x).rsample()
+        return log_q - standard_normal_log_prob(z)
+
     def sample_logits(self, n: int, context: Tensor | None = None) -> Tensor:
         return self.decoder(torch.randn(n, self.latent_dim, device=self.base_head.weight.device))

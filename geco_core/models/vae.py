@@ -85,6 +85,10 @@ class GaussianVAE(VAE):
         q = self.posterior(x)
         return Output(self.decoder(q.rsample()), q.kl_standard_normal())
 
+    def kl(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Analytic, from the encoder alone."""
+        return self.posterior(x).kl_standard_normal()
+
     def sample_logits(self, n: int, context: Tensor | None = None) -> Tensor:
         z = torch.randn(n, self.latent_dim, device=next(self.parameters()).device)
         return self.decoder(z)

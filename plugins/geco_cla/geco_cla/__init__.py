@@ -1,11 +1,22 @@
 """CLA, the classification-accuracy constraint of GECO (Table 1 of the paper)::
 
-    C(x, x_hat) = kappa - p_c(true class of x | x_hat)          per example, <= 0 when met
+    form = "log" (default):   C = log kappa - log p_c(true class of x | x_hat)     per example, <= 0 when met
+    form = "probability":     C = kappa - p_c(true class of x | x_hat)             (the paper's)
 
 c is a frozen convolutional MNIST classifier (``network.py``): the reconstruction must still be
 recognised as the right digit with probability at least kappa. The paper's table prints
 ``l(x)^T c(g(z)) - kappa``, which would be satisfied by *failing* to classify; the sign here is the
 one that makes it a ``<= 0`` constraint.
+
+Why the log form is the default: p saturates, so where a reconstruction is not yet recognisable
+(p near 0) the paper's form has almost no gradient and no multiplier can rescue it; ``-log p`` (the
+classifier's cross-entropy) keeps a gradient of ``1 - p`` on the true logit. kappa stays a
+probability: the batch mean of the log form is ``<= 0`` when the geometric mean of p is at least
+kappa, which implies that the arithmetic mean is too. ``reached`` reports that geometric mean.
+
+Scales (for GECO's controllers): log form ``value_scale = -log kappa`` (the way to certainty) and
+``multiplier_scale = 1`` (the cross-entropy is in nats, like the KL); probability form
+``value_scale = 1 - kappa`` and ``multiplier_scale = 1 / (1 - kappa)``.
 
 The true class comes from the batch's labels, or, where the data has none (or ``use_labels=False``),
 from the classifier's own prediction on the target. Images with C channels of stacked digits
@@ -15,22 +26,27 @@ The classifier is in eval mode and gets no gradient, but gradients flow through 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from geco_cla.network import DigitClassifier, load_classifier
-from geco_core import Batch, ConfigError, Constraint, check_same_shape, freeze, hookimpl
+from geco_core import Batch, ConfigError, Constraint, check_kappa, check_same_shape, freeze, hookimpl
 
 __all__ = ["ClassifierAccuracy", "DigitClassifier", "load_classifier"]
 
+FORMS = ("log", "probability")
+
 
 class ClassifierAccuracy(Constraint):
-    """Classification accuracy: kappa - p(true class | x_hat), one component per channel of digits.
+    """Classification accuracy: p(true class | x_hat) >= kappa, one component per channel of digits.
 
     Args:
         kappa: the probability the classifier must give the true class, in (0, 1) (e.g. 0.9).
+        form: ``"log"`` (``log kappa - log p``, default) or ``"probability"`` (``kappa - p``, the
+            paper's); see the module docstring.
         weights: a safetensors file of the same architecture; default the shipped MNIST classifier.
         use_labels: take the true class from the batch's labels where present (default); otherwise
             from the classifier's prediction on the target.
@@ -43,19 +59,25 @@ class ClassifierAccuracy(Constraint):
     def __init__(
         self,
         kappa: float,
+        form: str = "log",
         weights: str | None = None,
         use_labels: bool = True,
         image_shape: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(kappa, bool) or not isinstance(kappa, int | float) or not 0 < kappa < 1:
-            raise ConfigError(f"cla: kappa must be a probability in (0, 1), got {kappa!r}")
+        kappa = check_kappa("cla", kappa, 0.0, 1.0, what="a probability in (0, 1)")
+        if form not in FORMS:
+            raise ConfigError(f"cla: form must be log or probability, got {form!r}")
         channels = 1
         if image_shape is not None:
             channels, h, w = image_shape
             if (h, w) != (28, 28):
                 raise ConfigError(f"cla: the classifier reads 28x28 digits, but the images are {tuple(image_shape)}")
-        self.kappa, self.use_labels, self.dim = float(kappa), use_labels, int(channels)
+        self.kappa, self.form, self.use_labels, self.dim = kappa, form, use_labels, int(channels)
+        if form == "log":
+            self.value_scale, self.multiplier_scale = -math.log(kappa), 1.0
+        else:
+            self.value_scale, self.multiplier_scale = 1 - kappa, 1 / (1 - kappa)
         self.classifier = freeze(load_classifier(Path(weights) if weights else None))
 
     def forward(self, batch: Batch) -> Tensor:
@@ -65,8 +87,10 @@ class ClassifierAccuracy(Constraint):
         if c != self.dim or (h, w) != (28, 28):
             raise ValueError(f"cla: set up for {self.dim} x 28 x 28 images, got {tuple(x_hat.shape[1:])}")
         log_p = torch.log_softmax(self.classifier(x_hat.reshape(b * c, 1, h, w)), dim=1)
-        true = self._true_class(batch)
-        return self.kappa - log_p.gather(1, true.reshape(b * c, 1)).exp().reshape(b, c)
+        log_p_true = log_p.gather(1, self._true_class(batch).reshape(b * c, 1)).reshape(b, c)
+        if self.form == "log":
+            return math.log(self.kappa) - log_p_true
+        return self.kappa - log_p_true.exp()
 
     def _true_class(self, batch: Batch) -> Tensor:
         b, c = batch.x.shape[:2]
@@ -80,11 +104,12 @@ class ClassifierAccuracy(Constraint):
         return labels.long()
 
     def reached(self, values: Tensor) -> Tensor:
-        """The mean probability of the true class that constraint values stand for: ``kappa - value``."""
-        return self.kappa - values
+        """The probability of the true class that mean constraint values stand for: the geometric
+        mean ``kappa * exp(-value)`` (log form), the mean ``kappa - value`` (probability form)."""
+        return self.kappa * torch.exp(-values) if self.form == "log" else self.kappa - values
 
     def extra_repr(self) -> str:
-        return f"kappa={self.kappa}, components={self.dim}, use_labels={self.use_labels}"
+        return f"kappa={self.kappa}, form={self.form!r}, components={self.dim}, use_labels={self.use_labels}"
 
 
 @hookimpl

@@ -8,12 +8,12 @@ the accuracy) and are verified against ``WEIGHTS_SHA256`` when loaded.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from torch import Tensor, nn
 
 from geco_core import ConfigError
+from geco_core.weights import load_safetensors
 
 __all__ = ["DigitClassifier", "load_classifier", "WEIGHTS", "WEIGHTS_SHA256"]
 
@@ -40,24 +40,19 @@ class DigitClassifier(nn.Module):
         return self.head(self.features((x - MEAN) / STD))
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def load_classifier(path: str | Path | None = None) -> DigitClassifier:
     """The shipped classifier (checksum verified), or the weights at ``path`` (safetensors, same
     architecture, e.g. trained by ``python -m geco_cla.train --dataset fashion-mnist``)."""
-    from safetensors.torch import load_file
-
     shipped = not path
-    path = WEIGHTS if shipped else Path(path)
-    if not path.is_file():
-        raise ConfigError(f"cla: no classifier weights at {path}")
-    if shipped and sha256(path) != WEIGHTS_SHA256:
-        raise ConfigError(f"cla: {path} does not match its recorded sha256 {WEIGHTS_SHA256}; reinstall geco-cla")
+    state, _ = load_safetensors(
+        WEIGHTS if shipped else Path(path),
+        owner="cla",
+        sha256_expected=WEIGHTS_SHA256 if shipped else None,
+        distribution="geco-cla",
+    )
     model = DigitClassifier()
     try:
-        model.load_state_dict(load_file(str(path)))
-    except Exception as exc:  # noqa: BLE001 - a wrong or damaged file
+        model.load_state_dict(state)
+    except RuntimeError as exc:
         raise ConfigError(f"cla: cannot load classifier weights from {path}: {str(exc).splitlines()[0]}") from None
     return model.eval()

@@ -14,7 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from geco_cla.network import DigitClassifier, sha256
+from geco_cla.network import DigitClassifier
+from geco_core.weights import sha256
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -33,7 +34,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     from geco_core import create
-    from geco_core.classifier import train_classifier
+    from geco_core.training import train_classifier
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="data root with MNIST/raw/ (default: $GECO_DATA)")

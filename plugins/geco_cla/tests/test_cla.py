@@ -4,7 +4,7 @@ passes gradients to the reconstruction."""
 
 from __future__ import annotations
 
-import importlib.metadata
+import math
 import shutil
 
 import geco_cla.network as network
@@ -13,10 +13,11 @@ import torch
 from geco_cla import ClassifierAccuracy
 from safetensors import safe_open
 
-from geco_core import GECO, Batch, ConfigError, create, create_constraint, registry
-from geco_core.classifier import accuracy
+from geco_core import GECO, Batch, ConfigError, create, create_constraint
 from geco_core.data import resolve_root
 from geco_core.data.mnist import MNIST
+from geco_core.training import accuracy
+from geco_core.weights import sha256
 
 needs_mnist = pytest.mark.skipif(
     not all((resolve_root() / "MNIST/raw" / f).is_file() for f in MNIST.files), reason="MNIST not under $GECO_DATA"
@@ -38,7 +39,7 @@ def test_shipped_weights_reproduce_their_recorded_accuracy_on_the_real_test_set(
 
 def test_shipped_weights_are_small_and_checksummed(tmp_path, monkeypatch):
     assert network.WEIGHTS.stat().st_size < 1_000_000
-    assert network.sha256(network.WEIGHTS) == network.WEIGHTS_SHA256
+    assert sha256(network.WEIGHTS) == network.WEIGHTS_SHA256
     tampered = tmp_path / "mnist_classifier.safetensors"
     shutil.copy(network.WEIGHTS, tampered)
     data = bytearray(tampered.read_bytes())
@@ -58,21 +59,43 @@ def test_a_user_weights_file_of_another_architecture_is_refused(tmp_path):
 
 
 @needs_mnist
-def test_values_are_kappa_minus_the_probability_of_the_true_class(mnist_test):
-    cla = ClassifierAccuracy(kappa=0.9)
+@pytest.mark.parametrize("form", ["log", "probability"])
+def test_values_are_kappa_against_the_probability_of_the_true_class(mnist_test, form):
+    cla = ClassifierAccuracy(kappa=0.9, form=form)
     x = mnist_test.images[:32].float() / 255
     x_hat = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     labels = mnist_test.labels[:32]
     values = cla(Batch(x, x_hat, labels=labels))
+
+    def expected(p: torch.Tensor) -> torch.Tensor:  # float64, from the probability alone
+        p = p.double()
+        return (math.log(0.9) - p.log()) if form == "log" else 0.9 - p
+
     with torch.no_grad():  # independently: softmax of the network's logits, indexed by label
-        p = torch.softmax(cla.classifier(x_hat), dim=1)[torch.arange(32), labels]
+        p = torch.softmax(cla.classifier(x_hat).double(), dim=1)[torch.arange(32), labels]
     assert values.shape == (32, 1)
-    torch.testing.assert_close(values[:, 0], 0.9 - p)
-    torch.testing.assert_close(cla.reached(values)[:, 0], p)
+    torch.testing.assert_close(values[:, 0].double(), expected(p), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cla.reached(values)[:, 0].double(), p, rtol=1e-5, atol=1e-5)
+    assert torch.equal(values[:, 0] <= 0, p >= 0.9)
     # no labels: the classifier's prediction on the target stands in
     preds = cla.classifier(x).argmax(1)
     no_labels = cla(Batch(x, x_hat))
-    torch.testing.assert_close(no_labels[:, 0], 0.9 - torch.softmax(cla.classifier(x_hat), 1)[torch.arange(32), preds])
+    with torch.no_grad():
+        p_pred = torch.softmax(cla.classifier(x_hat).double(), 1)[torch.arange(32), preds]
+    torch.testing.assert_close(no_labels[:, 0].double(), expected(p_pred), rtol=1e-5, atol=1e-5)
+
+
+def test_the_log_form_keeps_a_gradient_where_the_probability_form_has_almost_none():
+    torch.manual_seed(0)
+    x = torch.zeros(1, 1, 28, 28)
+    grads = {}
+    for form in ("log", "probability"):
+        cla = ClassifierAccuracy(kappa=0.9, form=form)
+        x_hat = torch.zeros(1, 1, 28, 28, requires_grad=True)  # a blank image: no digit at all
+        label = cla.classifier(torch.zeros(1, 1, 28, 28)).argmin(1)  # the class it finds least likely
+        cla(Batch(x, x_hat, labels=label)).sum().backward()
+        grads[form] = x_hat.grad.norm().item()
+    assert grads["log"] > 100 * grads["probability"] > 0
 
 
 @needs_mnist
@@ -90,26 +113,13 @@ def test_stacked_digits_are_classified_channel_by_channel(mnist_test):
     assert GECO([cla]).component_names == ["cla[0]", "cla[1]", "cla[2]"]
 
 
-def test_the_classifier_is_frozen_but_passes_gradients_to_the_reconstruction():
-    cla = ClassifierAccuracy(kappa=0.9)
-    geco = GECO([cla])
-    geco.train()  # putting GECO in training mode must not wake the classifier's batch norm
-    assert not cla.classifier.training and not any(p.requires_grad for p in cla.classifier.parameters())
-    x_hat = torch.rand(4, 1, 28, 28, requires_grad=True)
-    before = {k: v.clone() for k, v in cla.classifier.state_dict().items()}
-    geco(torch.zeros(4), Batch(torch.rand(4, 1, 28, 28), x_hat, labels=torch.tensor([1, 2, 3, 4]))).backward()
-    assert x_hat.grad is not None and x_hat.grad.abs().sum() > 0
-    assert all(p.grad is None for p in cla.classifier.parameters())
-    assert all(torch.equal(v, before[k]) for k, v in cla.classifier.state_dict().items())  # BN stats too
-
-
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         (dict(kappa=1.0), "kappa must be a probability in \\(0, 1\\)"),
         (dict(kappa=0), "kappa"),
         (dict(kappa=0.9, image_shape=(3, 32, 32)), "reads 28x28 digits"),
-        (dict(kappa=0.9, weights="/nonexistent.safetensors"), "no classifier weights at"),
+        (dict(kappa=0.9, weights="/nonexistent.safetensors"), "cla: no weights at"),
     ],
 )
 def test_bad_arguments_are_rejected_with_a_clear_message(kwargs, match):
@@ -122,9 +132,3 @@ def test_labels_that_do_not_fit_the_channels_are_rejected():
     x = torch.rand(2, 3, 28, 28)
     with pytest.raises(ValueError, match="1 label\\(s\\) per example for 3 channel"):
         cla(Batch(x, x, labels=torch.tensor([1, 2])))
-
-
-def test_found_through_its_installed_entry_point():
-    (ep,) = importlib.metadata.entry_points(group="geco", name="cla")
-    assert ep.dist.metadata["Name"] == "geco-cla"
-    assert registry().get("constraint", "cla").factory is ClassifierAccuracy

@@ -11,6 +11,9 @@ Channels. A network with one input channel (the shipped one) sees each channel o
 its own, as a grey image, and the errors of all channels are averaged; a network with three input
 channels (timm's ImageNet weights) sees a grey image repeated three times.
 
+Scales (for GECO's controllers): ``value_scale = kappa^2`` and ``multiplier_scale = F / (2 kappa^2)``
+with F the feature values per image and stage, by analogy with RE's pixels.
+
 Target features need no gradient: they are computed without autograd, and with ``cache=True`` kept
 per dataset index (``batch.index``), in float16, on the device of the first batch, in training mode
 only (held-out data has other indices). Memory: for 28x28 images and stages (0, 1) of ``resnet18``,
@@ -19,12 +22,10 @@ only (held-out data has other indices). Memory: for 28x28 images and stages (0, 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from geco_core import Batch, ConfigError, Constraint, check_same_shape, freeze, hookimpl
+from geco_core import Batch, ConfigError, Constraint, check_kappa, check_same_shape, freeze, hookimpl
 from geco_fre.network import FeatureNetwork, build_feature_network
 
 __all__ = ["FeatureReconstructionError", "FeatureNetwork", "build_feature_network"]
@@ -56,15 +57,24 @@ class FeatureReconstructionError(Constraint):
         image_shape: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(kappa, bool) or not isinstance(kappa, int | float) or not 0 < kappa < math.inf:
-            raise ConfigError(f"fre: kappa must be a feature RMSE > 0, got {kappa!r}")
+        kappa = check_kappa("fre", kappa, 0.0, what="a feature RMSE > 0")
         if not stages or any(not isinstance(s, int) or not 0 <= s <= 4 for s in stages):
             raise ConfigError(f"fre: stages must be ResNet stage indices in 0..4, got {stages!r}")
-        self.kappa, self.cache, self.stages = float(kappa), bool(cache), tuple(stages)
+        self.kappa, self.cache, self.stages = kappa, bool(cache), tuple(stages)
         self.features = freeze(build_feature_network(weights, arch, self.stages))
         self.dim = 1
+        self.value_scale = kappa**2
+        self.multiplier_scale = self._feature_values(image_shape) / (2 * kappa**2)
         self._cached: list[Tensor] | None = None
         self._filled: Tensor | None = None
+
+    @torch.no_grad()
+    def _feature_values(self, image_shape: tuple[int, int, int] | None) -> int:
+        """Feature values per image, per stage on average (the error is a mean of stage means)."""
+        if image_shape is None:
+            return 1
+        maps = self._features(torch.zeros(1, *image_shape))
+        return round(sum(f.numel() for f in maps) / len(maps))
 
     def _grey_batches(self, x: Tensor) -> Tensor:
         """Fit the channels to the network: (B, C, H, W) -> (B*C, 1, H, W) or (B, 3, H, W)."""

@@ -17,7 +17,6 @@ weights were trained with.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 
 from geco_core import ConfigError
 from geco_core.compat import import_timm
+from geco_core.weights import load_safetensors
 
 __all__ = ["FeatureNetwork", "build_feature_network", "probe_accuracy", "WEIGHTS", "WEIGHTS_SHA256"]
 
@@ -44,10 +44,6 @@ class FeatureNetwork(nn.Module):
         return self.body((x - self.mean) / self.std)
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def build_feature_network(weights: str = "shipped", arch: str = "resnet18", stages=(0, 1)) -> FeatureNetwork:
     """The frozen-to-be feature network; see the module docstring for ``weights``."""
     timm = import_timm()
@@ -61,17 +57,13 @@ def build_feature_network(weights: str = "shipped", arch: str = "resnet18", stag
                 'use weights = "shipped" or a safetensors file'
             ) from None
         return FeatureNetwork(body, 3, *IMAGENET)
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = WEIGHTS if weights == "shipped" else Path(weights)
+    shipped = weights == "shipped"
+    path = WEIGHTS if shipped else Path(weights)
     if not path.is_file():
         raise ConfigError(f"fre: no feature weights at {path} (weights is 'shipped', 'timm' or a file)")
-    if weights == "shipped" and sha256(path) != WEIGHTS_SHA256:
-        raise ConfigError(f"fre: {path} does not match its recorded sha256 {WEIGHTS_SHA256}; reinstall geco-fre")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    state = load_file(str(path))
+    state, meta = load_safetensors(
+        path, owner="fre", sha256_expected=WEIGHTS_SHA256 if shipped else None, distribution="geco-fre"
+    )
     if "conv1.weight" not in state:
         raise ConfigError(f"fre: {path} holds no ResNet stem (conv1.weight)")
     in_chans = state["conv1.weight"].shape[1]

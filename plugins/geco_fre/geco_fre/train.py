@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from geco_core import create
-from geco_core.classifier import train_classifier
 from geco_core.compat import import_timm
-from geco_fre.network import build_feature_network, probe_accuracy, sha256
+from geco_core.training import train_classifier
+from geco_core.weights import sha256
+from geco_fre.network import build_feature_network, probe_accuracy
 
 STEM = ("conv1.", "bn1.")
 LAYERS = ("layer1.", "layer2.", "layer3.", "layer4.")

@@ -20,6 +20,9 @@ Computation. Means, variances and covariances of every k x k window come from bo
 (``avg_pool2d`` with stride 1), never from materialised patches: O(pixels) memory. Patches are the
 "valid" ones (no padding), one at every pixel position.
 
+Scales (for GECO's controllers): ``value_scale = 1 - kappa`` (from the bound to a perfect
+correlation) and ``multiplier_scale = D / (2 (1 - kappa))`` for D pixels, by analogy with RE.
+
 Channels. ``channels="separate"`` (default) correlates each channel's k x k patches on their own
 and averages over channels too; ``channels="joint"`` whitens k x k x C patches spanning all channels.
 """
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from geco_core import Batch, ConfigError, Constraint, check_same_shape, hookimpl
+from geco_core import Batch, ConfigError, Constraint, check_kappa, check_same_shape, hookimpl
 
 __all__ = ["PatchNCC", "patch_ncc"]
 
@@ -56,7 +59,7 @@ class PatchNCC(Constraint):
     """Patch normalised cross-correlation: kappa - mean over k x k patches of NCC(x, x_hat).
 
     Args:
-        kappa: the mean patch correlation to reach, in (-1, 1] (e.g. 0.8).
+        kappa: the mean patch correlation to reach, in (-1, 1) (e.g. 0.8).
         patch: patch size k (odd or even, >= 2; the image must be at least k x k).
         eps: regulariser of flat patches, squared pixel units (> 0), see the module docstring.
         channels: ``"separate"`` (each channel's patches) or ``"joint"`` (k x k x C patches).
@@ -74,8 +77,7 @@ class PatchNCC(Constraint):
         image_shape: tuple[int, int, int] | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(kappa, bool) or not isinstance(kappa, int | float) or not -1 < kappa <= 1:
-            raise ConfigError(f"pncc: kappa must be a correlation in (-1, 1], got {kappa!r}")
+        kappa = check_kappa("pncc", kappa, -1.0, 1.0, what="a correlation in (-1, 1)")
         if isinstance(patch, bool) or not isinstance(patch, int) or patch < 2:
             raise ConfigError(f"pncc: patch must be an integer >= 2, got {patch!r}")
         if not isinstance(eps, int | float) or not eps > 0 or not math.isfinite(eps):
@@ -84,8 +86,11 @@ class PatchNCC(Constraint):
             raise ConfigError(f"pncc: channels must be separate or joint, got {channels!r}")
         if image_shape is not None and min(image_shape[1:]) < patch:
             raise ConfigError(f"pncc: patch {patch} is larger than the images {tuple(image_shape)}")
-        self.kappa, self.patch, self.eps, self.channels = float(kappa), patch, float(eps), channels
+        self.kappa, self.patch, self.eps, self.channels = kappa, patch, float(eps), channels
         self.dim = 1
+        pixels = math.prod(image_shape) if image_shape is not None else 1
+        self.value_scale = 1 - kappa  # the way from kappa to a perfect correlation
+        self.multiplier_scale = pixels / (2 * self.value_scale)
 
     def forward(self, batch: Batch) -> Tensor:
         check_same_shape(self.name, batch.x, batch.x_hat)

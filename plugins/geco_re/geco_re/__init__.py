@@ -4,6 +4,10 @@
 
 kappa is a root-mean-square error per pixel, for pixels in [0, 1] (the paper uses 0.06 to 0.175).
 The paper's table writes a sum over pixels; the mean makes kappa independent of the image size.
+
+Scales (for GECO's controllers): a change of kappa^2 in the mean squared error is a meaningful one
+(``value_scale``); the natural multiplier is ``D / (2 kappa^2)`` for D pixels per component
+(``multiplier_scale``): the weight of the squared error in a Gaussian ELBO with sigma = kappa.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import math
 
 from torch import Tensor
 
-from geco_core import Batch, ConfigError, Constraint, check_same_shape, hookimpl
+from geco_core import Batch, ConfigError, Constraint, check_kappa, check_same_shape, hookimpl
 
 __all__ = ["ReconstructionError"]
 
@@ -28,7 +32,8 @@ class ReconstructionError(Constraint):
             bounds each channel's error (C components); ``"pixel"`` bounds every dimension
             independently (C*H*W components), the paper's "bound the reconstruction error
             independently for each dimension".
-        image_shape: ``(C, H, W)``, needed for ``per="channel"`` or ``"pixel"`` (the trainer passes it).
+        image_shape: ``(C, H, W)``, needed for ``per="channel"`` or ``"pixel"`` (the trainer passes
+            it); without it (``per="image"``) the natural multiplier assumes one pixel.
     """
 
     name = "re"
@@ -36,8 +41,7 @@ class ReconstructionError(Constraint):
 
     def __init__(self, kappa: float, per: str = "image", image_shape: tuple[int, int, int] | None = None) -> None:
         super().__init__()
-        if isinstance(kappa, bool) or not isinstance(kappa, int | float) or not kappa > 0 or kappa == math.inf:
-            raise ConfigError(f"re: kappa must be a pixel RMSE > 0 (e.g. 0.1), got {kappa!r}")
+        kappa = check_kappa("re", kappa, 0.0, what="a pixel RMSE > 0 (e.g. 0.1)")
         if per not in PER:
             raise ConfigError(f"re: per must be one of {', '.join(PER)}; got {per!r}")
         if per != "image" and (image_shape is None or len(image_shape) != 3 or min(image_shape) < 1):
@@ -46,9 +50,13 @@ class ReconstructionError(Constraint):
         self.per = per
         self.image_shape = None if image_shape is None else tuple(int(s) for s in image_shape)
         if per == "image":
-            self.dim = 1
+            self.dim, pixels = 1, math.prod(self.image_shape) if self.image_shape else 1
+        elif per == "channel":
+            self.dim, pixels = self.image_shape[0], math.prod(self.image_shape[1:])
         else:
-            self.dim = self.image_shape[0] if per == "channel" else math.prod(self.image_shape)
+            self.dim, pixels = math.prod(self.image_shape), 1
+        self.value_scale = self.kappa**2
+        self.multiplier_scale = pixels / (2 * self.kappa**2)
 
     def forward(self, batch: Batch) -> Tensor:
         x, x_hat = batch.x, batch.x_hat

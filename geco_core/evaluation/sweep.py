@@ -11,21 +11,24 @@ different config is never touched: the sweep stops and names it.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from geco_core.config import Config, load_config
 from geco_core.errors import ConfigError
-from geco_core.objectives import OBJECTIVES
-from geco_core.training import CHECKPOINT, load_checkpoint, resume, train, write_atomic
+from geco_core.plugins import registry
+from geco_core.training import Config, Run, load_config, resume, strict_json, train, write_atomic
 
 __all__ = ["plan", "sweep", "run_name", "table", "eval_defaults"]
 
 
 def run_name(objective: str, kappa: float | None) -> str:
-    return f"geco-k{kappa:g}" if objective == "geco" else objective
+    """``<objective>-k<kappa>`` for a constrained objective swept over kappa, else the objective."""
+    return f"{objective}-k{kappa:g}" if kappa is not None else objective
+
+
+def _constrained(objective: str) -> bool:
+    return bool(getattr(registry().get("objective", objective).factory, "constrained", False))
 
 
 def _comparable(config: Config) -> dict[str, Any]:
@@ -44,43 +47,40 @@ def plan(
     """``(config stem, run name, resolved config)`` for every run of the sweep, in order."""
     if not configs:
         raise ConfigError("sweep needs at least one config")
+    installed = registry().names("objective")
     for objective in objectives:
-        if objective not in OBJECTIVES:
-            raise ConfigError(f"--objectives: unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+        if objective not in installed:
+            raise ConfigError(f"--objectives: unknown objective {objective!r}; choose from {', '.join(installed)}")
     for kappa in kappas:
         if not kappa > 0:
             raise ConfigError(f"--kappa: kappa must be > 0, got {kappa!r}")
-    if kappas and "geco" not in objectives:
-        raise ConfigError("--kappa is given but geco is not among --objectives")
+    if kappas and not any(_constrained(o) for o in objectives):
+        raise ConfigError("--kappa is given but no objective among --objectives enforces constraints")
     runs = []
     for path in configs:
         stem = Path(path).stem
         for objective in dict.fromkeys(objectives):
             sets = [*overrides, f"objective.name={objective!r}"]
-            if objective == "geco" and kappas:
+            if _constrained(objective) and kappas:
                 for kappa in kappas:
                     config = load_config(path, [*sets, f"constraints.0.kappa={kappa!r}"])
                     runs.append((stem, run_name(objective, kappa), config))
-                continue
-            config = load_config(path, sets)
-            kappa = config.constraints[0].options.get("kappa") if config.constraints else None
-            runs.append((stem, run_name(objective, kappa), config))
+            else:
+                runs.append((stem, objective, load_config(path, sets)))
     return runs
 
 
 def _ensure_trained(run_dir: Path, config: Config) -> str:
     """Train, resume or keep the run in ``run_dir``; returns what was done."""
-    saved = run_dir / "config.toml"
-    if saved.is_file():
-        if _comparable(load_config(saved)) != _comparable(config):
+    if (run_dir / "config.toml").is_file():
+        run = Run.open(run_dir)
+        if _comparable(run.config) != _comparable(config):
             raise ConfigError(f"{run_dir} was trained with a different config; move it away or choose another --out")
-        if (run_dir / "summary.json").is_file():
+        if run.summary_path.is_file():
             return "kept"
-        if (run_dir / CHECKPOINT).is_file():
-            resume(run_dir)
-            return "resumed"
-    if run_dir.exists():  # started but never checkpointed: nothing trained to keep
-        shutil.rmtree(run_dir)
+        started = run.has_checkpoint()
+        resume(run_dir)  # from its checkpoint, or from step 0 if it died before the first
+        return "resumed" if started else "trained"
     train(config=config, run_dir=run_dir)
     return "trained"
 
@@ -89,20 +89,19 @@ def eval_defaults() -> dict[str, Any]:
     """The options of :func:`~geco_core.evaluation.evaluate_run` and their defaults."""
     import inspect
 
-    from geco_core.evaluation import evaluate_run
+    from geco_core.evaluation.measures import evaluate_run
 
     params = inspect.signature(evaluate_run).parameters.values()
     return {p.name: p.default for p in params if p.name not in ("run_dir", "write")}
 
 
 def _evaluation(run_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
-    from geco_core.evaluation import evaluate_run
+    from geco_core.evaluation.measures import evaluate_run
 
-    cached = run_dir / "eval.json"
-    if cached.is_file():
-        report = json.loads(cached.read_text())
-        step = load_checkpoint(run_dir / CHECKPOINT)["step"]
-        if report.get("options") == options and report.get("step") == step:
+    run = Run.open(run_dir)
+    if run.eval_path.is_file():
+        report = json.loads(run.eval_path.read_text())
+        if report.get("options") == options and report.get("step") == run.checkpoint_step():
             return report
     return evaluate_run(run_dir, **options)
 
@@ -114,6 +113,7 @@ def _point(group: str, stem: str, name: str, report: dict[str, Any]) -> dict[str
         "config": stem,
         "run": name,
         "objective": report["objective"],
+        "constrained": _constrained(report["objective"]),
         "kappa": report["kappas"][0] if report["kappas"] else None,
         "rmse": report["heldout"]["rmse"],
         "reached": first.get("heldout_reached", first.get("heldout_value")),
@@ -152,7 +152,8 @@ def sweep(
 ) -> list[dict[str, Any]]:
     """Train (or resume) every run of the sweep, evaluate each, and write ``OUT/sweep.json``,
     ``OUT/sweep.md``, ``OUT/information_plane.png`` and ``OUT/grids-<config>.png``."""
-    from geco_core.plots import plot_information_plane, save_grids
+    from geco_core.evaluation.figures import plot_information_plane
+    from geco_core.training.plots import save_grids
 
     runs = plan(configs, kappas, objectives, overrides)
     out = Path(out)
@@ -167,7 +168,7 @@ def sweep(
         group = f"{config.data.name} · {config.model.name}"
         points.append(_point(group, stem, name, report))
         blocks.setdefault(stem, []).append((name, run_dir))
-    text = json.dumps(points, indent=2).encode()
+    text = strict_json(points, indent=2).encode()
     write_atomic(out / "sweep.json", lambda f: f.write(text))
     md = table(points).encode() + b"\n"
     write_atomic(out / "sweep.md", lambda f: f.write(md))
@@ -182,11 +183,12 @@ def _run_grid(run_dir: Path) -> tuple[list, list[str]]:
     """Figure 3's rows (data, reconstructions, samples) of the run's checkpoint, on held-out data."""
     import torch
 
-    from geco_core.summary import grid_rows
-    from geco_core.training import build, heldout_split
+    from geco_core.training import build
+    from geco_core.training.summary import grid_rows
 
+    run = Run.open(run_dir)
     with torch.random.fork_rng(devices=[]):
-        exp = build(load_config(run_dir / "config.toml"))
-        exp.load_state_dict(load_checkpoint(run_dir / CHECKPOINT))
+        exp = build(run.config)
+        exp.load_state_dict(run.load_checkpoint())
         torch.manual_seed(0)
-        return grid_rows(exp, heldout_split(exp)[1], n=6)
+        return grid_rows(exp, exp.heldout[1], n=6)

@@ -1,15 +1,17 @@
 """Experiment configuration: a TOML file parsed into attrs classes, one per section.
 
-Sections: ``[data]``, ``[model]``, ``[objective]`` (with ``[objective.geco]``), ``[[constraints]]``
-(an array of tables, stacked in order), ``[train]``, ``[logging]``. Keys that are not fields of the
-data, model and constraint sections are options of the registered dataset, model or constraint and
-are checked against its signature. Every unknown key, wrong type or out-of-range value fails with a
-one-line :class:`ConfigError` that names it (``train.steps must be > 0, got -5``).
+Sections: ``[data]``, ``[model]``, ``[objective]`` (with ``[objective.<name>]`` tables),
+``[[constraints]]`` (an array of tables, stacked in order), ``[train]``, ``[logging]``. Keys that are
+not fields of the data, model, objective and constraint sections are options of the registered
+dataset, model, objective or constraint and are checked against its signature. Every unknown key,
+wrong type, non-finite number or out-of-range value fails with a one-line :class:`ConfigError` that
+names it (``train.steps must be > 0, got -5``).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import tomllib
 import types
 import typing
@@ -20,21 +22,30 @@ from typing import Any
 import attrs
 
 from geco_core.errors import ConfigError
-from geco_core.objectives import OBJECTIVES
-from geco_core.plugins import registry
+from geco_core.plugins import Entry, registry
 
 __all__ = [
     "Config",
     "DataConfig",
     "ModelConfig",
-    "GecoConfig",
     "ObjectiveConfig",
     "ConstraintConfig",
     "TrainConfig",
     "LoggingConfig",
     "load_config",
     "parse_override",
+    "upgrade_resolved",
+    "check_type",
+    "INJECTED",
 ]
+
+#: keyword arguments the trainer passes to registered factories itself, never from the config
+INJECTED = {
+    "dataset": {"root", "split", "seed", "download"},
+    "model": {"image_shape", "context_shape"},
+    "constraint": {"image_shape"},
+    "objective": {"constraints"},
+}
 
 
 def _check(predicate: typing.Callable[[Any], bool], text: str):
@@ -74,32 +85,15 @@ class ModelConfig:
 
 
 @attrs.frozen
-class GecoConfig:
-    """The options of :class:`geco_core.GECO`; defaults are the paper's."""
-
-    alpha: float = attrs.field(default=0.99, validator=_check(lambda v: 0 <= v < 1, "in [0, 1)"))
-    lr: float = attrs.field(default=1.0, validator=positive)
-    lambda_init: float = attrs.field(default=1.0, validator=positive)
-    lambda_min: float | None = attrs.field(default=None, validator=positive)
-    lambda_max: float | None = attrs.field(default=None, validator=positive)
-    ma_init: float | None = None
-    warmup: int = attrs.field(default=0, validator=non_negative)
-    strict: bool = False
-
-
-@attrs.frozen
 class ObjectiveConfig:
-    """``name``: elbo, beta, annealed-beta or geco; the likelihood serves the first three."""
+    """``name``: a registered objective (``geco objectives``); ``options``: its keyword arguments,
+    from ``[objective]`` itself or its ``[objective.<name>]`` table, checked against its constructor
+    and written out with every default. ``tables`` keeps the tables of other objectives (checked
+    too), so that one config can be swept over objectives."""
 
-    name: str = attrs.field(default="geco", validator=one_of(*OBJECTIVES))
-    likelihood: str = attrs.field(default="gaussian", validator=one_of("gaussian", "bernoulli"))
-    sigma: float = attrs.field(default=0.1, validator=positive)
-    learn_sigma: bool = True
-    beta: float = attrs.field(default=1.0, validator=positive)
-    beta_start: float = attrs.field(default=2.0, validator=positive)
-    beta_end: float = attrs.field(default=0.7, validator=positive)
-    anneal_steps: int = attrs.field(default=10_000, validator=positive)
-    geco: GecoConfig = attrs.field(factory=GecoConfig)
+    name: str = "geco"
+    options: dict[str, Any] = attrs.field(factory=dict)
+    tables: dict[str, dict[str, Any]] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -115,7 +109,10 @@ class ConstraintConfig:
 
 @attrs.frozen
 class TrainConfig:
-    """Optimisation: Adam with learning rate ``lr``; ``device`` auto picks CUDA when present."""
+    """Optimisation: Adam (fused) with learning rate ``lr``; ``device`` auto picks CUDA when present.
+    ``max_nonfinite_steps`` steps in a row with a non-finite loss or gradient (each skipped) stop
+    the run as diverged. ``threads``: CPU threads of torch (default: torch's own choice, one per
+    core). ``compile``: run the model through ``torch.compile`` (GECO's update stays outside)."""
 
     steps: int = attrs.field(default=1000, validator=positive)
     batch_size: int = attrs.field(default=64, validator=positive)
@@ -129,6 +126,9 @@ class TrainConfig:
     grad_clip: float | None = attrs.field(default=None, validator=positive)
     checkpoint_every: int = attrs.field(default=500, validator=positive)
     log_every: int = attrs.field(default=10, validator=positive)
+    max_nonfinite_steps: int = attrs.field(default=10, validator=positive)
+    threads: int | None = attrs.field(default=None, validator=positive)
+    compile: bool = False
 
 
 @attrs.frozen
@@ -177,39 +177,45 @@ class Config:
             for f in attrs.fields(type(obj)):
                 v = getattr(obj, f.name)
                 if f.name == "options":
-                    out.update(v)
+                    out.update(_plain(v))
                 elif attrs.has(type(v)):
                     out[f.name] = table(v)
                 elif v is not None:
                     out[f.name] = list(v) if isinstance(v, tuple) else v
             return out
 
-        out = {f.name: table(getattr(self, f.name)) for f in attrs.fields(Config) if f.name != "constraints"}
+        sections = [f.name for f in attrs.fields(Config) if f.name not in ("objective", "constraints")]
+        out = {name: table(getattr(self, name)) for name in sections}
+        objective = self.objective  # its options under [objective.<name>], like the other objectives'
+        tables = {objective.name: objective.options, **objective.tables}
+        out["objective"] = {"name": objective.name, **{name: _plain(t) for name, t in tables.items()}}
         out["constraints"] = [table(c) for c in self.constraints]
         return out
 
     def _check_registered(self) -> Config:
-        if self.objective.name == "geco" and not self.constraints:
-            raise ConfigError("objective.name = 'geco' needs at least one [[constraints]] table")
-        data = attrs.evolve(
-            self.data,
-            options=_options(
-                "data", "dataset", self.data.name, self.data.options, {"root", "split", "seed", "download"}
-            ),
-        )
-        model = attrs.evolve(
-            self.model,
-            options=_options("model", "model", self.model.name, self.model.options, {"image_shape", "context_shape"}),
-        )
+        constrained = getattr(_entry("objective", "objective", self.objective.name).factory, "constrained", False)
+        if constrained and not self.constraints:
+            raise ConfigError(f"objective.name = {self.objective.name!r} needs at least one [[constraints]] table")
+        data = attrs.evolve(self.data, options=_options("data", "dataset", self.data.name, self.data.options))
+        model = attrs.evolve(self.model, options=_options("model", "model", self.model.name, self.model.options))
+        chosen = self.objective.name
+        tables = {
+            name: _options(f"objective.{name}", "objective", name, t) for name, t in self.objective.tables.items()
+        }
+        given = _options("objective", "objective", chosen, self.objective.options)
+        for key in given.keys() & tables.get(chosen, {}).keys():
+            raise ConfigError(f"objective.{key} is given twice: in [objective] and in [objective.{chosen}]")
+        options = _options("objective", "objective", chosen, {**tables.pop(chosen, {}), **given}, defaults=True)
+        objective = ObjectiveConfig(chosen, options, tables)
         constraints = tuple(
-            attrs.evolve(c, options=_options(f"constraints[{i}]", "constraint", c.name, c.options, {"image_shape"}))
+            attrs.evolve(c, options=_options(f"constraints[{i}]", "constraint", c.name, c.options))
             for i, c in enumerate(self.constraints)
         )
-        return attrs.evolve(self, data=data, model=model, constraints=constraints)
+        return attrs.evolve(self, data=data, model=model, objective=objective, constraints=constraints)
 
 
 # Sections whose extra keys are options of a registered factory.
-_WITH_OPTIONS = (DataConfig, ModelConfig, ConstraintConfig)
+_WITH_OPTIONS = (DataConfig, ModelConfig, ConstraintConfig, ObjectiveConfig)
 
 
 def _section(cls: type, prefix: str, table: Any) -> Any:
@@ -219,17 +225,22 @@ def _section(cls: type, prefix: str, table: Any) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     options: dict[str, Any] = {}
+    tables: dict[str, dict[str, Any]] = {}
     for key, value in table.items():
-        if key in fields and key != "options":
+        if key in fields and key not in ("options", "tables"):
             if attrs.has(hints[key]):
                 kwargs[key] = _section(hints[key], f"{prefix}.{key}", value)
             else:
                 kwargs[key] = check_type(f"{prefix}.{key}", value, hints[key])
+        elif cls is ObjectiveConfig and isinstance(value, dict) and key in registry().entries["objective"]:
+            tables[key] = value  # [objective.<name>]: the options of that objective
         elif cls in _WITH_OPTIONS:
             options[key] = value
         else:
             accepted = ", ".join(k for k in fields if k != "options")
             raise ConfigError(f"unknown key {prefix}.{key} ([{prefix}] accepts: {accepted})")
+    if cls is ObjectiveConfig:
+        kwargs["tables"] = tables
     if cls in _WITH_OPTIONS:
         kwargs["options"] = options
     try:
@@ -243,18 +254,19 @@ def _section(cls: type, prefix: str, table: Any) -> Any:
         raise ConfigError(f"[{prefix}]: {exc}") from None
 
 
-def _options(prefix: str, kind: str, name: str, options: dict[str, Any], injected: set[str]) -> dict[str, Any]:
-    """Check a section's extra keys against the registered factory's keyword arguments and types."""
+def _entry(prefix: str, kind: str, name: str) -> Entry:
     try:
-        entry = registry().get(kind, name)
+        return registry().get(kind, name)
     except ConfigError as exc:
         raise ConfigError(f"{prefix}.name: {exc}") from None
-    params = inspect.signature(entry.factory).parameters
-    accepted = [
-        p
-        for p in params
-        if p not in injected and params[p].kind in (params[p].KEYWORD_ONLY, params[p].POSITIONAL_OR_KEYWORD)
-    ]
+
+
+def _options(prefix: str, kind: str, name: str, options: dict[str, Any], defaults: bool = False) -> dict[str, Any]:
+    """Check a section's extra keys against the registered factory's keyword arguments and types;
+    with ``defaults``, add every option not given with its default."""
+    entry = _entry(prefix, kind, name)
+    injected = INJECTED[kind]
+    params = {k: p for k, p in entry.parameters().items() if k not in injected}
     try:
         hints = typing.get_type_hints(entry.factory.__init__ if inspect.isclass(entry.factory) else entry.factory)
     except Exception:  # noqa: BLE001 - unresolvable annotations: check names only
@@ -262,10 +274,19 @@ def _options(prefix: str, kind: str, name: str, options: dict[str, Any], injecte
     checked = {}
     for key, value in options.items():
         if key in injected or not entry.accepts(key):
-            known = ", ".join(accepted) or "nothing"
+            known = ", ".join(params) or "nothing"
             raise ConfigError(f"unknown key {prefix}.{key} for {kind} {name!r} (accepts: {known})")
         checked[key] = check_type(f"{prefix}.{key}", value, hints[key]) if key in hints else value
+    if defaults:
+        for key, p in params.items():
+            if key not in checked and p.default is not p.empty and p.default is not None:
+                checked[key] = p.default
     return checked
+
+
+def _plain(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as TOML can write them: tuples as lists, None left out."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in options.items() if v is not None}
 
 
 def check_type(key: str, value: Any, annotation: Any) -> Any:
@@ -294,9 +315,8 @@ def _fits(value: Any, annotation: Any) -> tuple[bool, Any]:
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if annotation is float:
-        return isinstance(value, int | float) and not isinstance(value, bool), float(value) if isinstance(
-            value, int | float
-        ) else value
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        return number and math.isfinite(value), float(value) if number else value
     if annotation is str:
         return isinstance(value, str), value
     if origin is dict or annotation is dict:
@@ -324,7 +344,7 @@ def _describe(annotation: Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in args if a is not type(None))
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table"}
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", dict: "a table"}
     if annotation in names:
         return names[annotation]
     if origin in (tuple, list, Sequence):
@@ -333,18 +353,58 @@ def _describe(annotation: Any) -> str:
     return str(annotation)
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Read a TOML config, apply ``section.key=value`` overrides, and check it."""
+def load_config(path: str | Path, overrides: Sequence[str] = (), resolved: bool = False) -> Config:
+    """Read a TOML config, apply ``section.key=value`` overrides, and check it. ``resolved``: the
+    file is a run folder's resolved config, possibly written by geco 0.1.0 (upgraded on reading)."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config {path} is a folder, not a TOML file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not a text (UTF-8 TOML) file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    if resolved:
+        data = upgrade_resolved(data)
     for override in overrides:
         apply_override(data, override)
     return Config.from_dict(data)
+
+
+#: options that geco 0.1.0 wrote into [objective] for every objective, and which objectives take them
+_LEGACY_OPTIONS = {
+    "likelihood": ("elbo", "beta", "annealed-beta"),
+    "sigma": ("elbo", "beta", "annealed-beta"),
+    "learn_sigma": ("elbo", "beta", "annealed-beta"),
+    "beta": ("beta",),
+    "beta_start": ("annealed-beta",),
+    "beta_end": ("annealed-beta",),
+    "anneal_steps": ("annealed-beta",),
+}
+
+
+def upgrade_resolved(data: dict[str, Any]) -> dict[str, Any]:
+    """A run folder's config as this version writes it. geco 0.1.0 wrote every objective's options
+    into one ``[objective]`` table and had no multiplier controllers: its options go to the tables
+    of the objectives that take them, and its GECO runs keep Algorithm 1 (``controller = "paper"``)
+    and the paper's CLA (``form = "probability"``), as they were trained."""
+    objective = data.get("objective")
+    if not isinstance(objective, dict) or not _LEGACY_OPTIONS.keys() & objective.keys():
+        return data
+    legacy = {key: objective.pop(key) for key in _LEGACY_OPTIONS.keys() & objective.keys()}
+    for key, value in legacy.items():
+        for name in _LEGACY_OPTIONS[key]:
+            objective.setdefault(name, {}).setdefault(key, value)
+    objective.setdefault("geco", {}).setdefault("controller", "paper")
+    for constraint in data.get("constraints", []):
+        if constraint.get("name") == "cla":
+            constraint.setdefault("form", "probability")
+    return data
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

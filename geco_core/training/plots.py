@@ -1,5 +1,5 @@
-"""Plots: a run's training trajectory (the paper's Figure 1), the information plane of many runs
-(Figure 2) and image grids of one or several runs side by side (Figure 3)."""
+"""A run's figures: its training trajectory (the paper's Figure 1) and image grids (Figure 3), one
+run's or several side by side. The figures of many runs are in :mod:`geco_core.evaluation.figures`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["plot_trajectory", "plot_curves", "plot_information_plane", "save_grid", "save_grids", "as_displayable"]
+__all__ = ["plot_trajectory", "save_grid", "save_grids", "as_displayable", "pyplot", "save_figure"]
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no screen needed), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,11 +22,11 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path, **savefig) -> Path:
+def save_figure(fig, path: Path, **savefig) -> Path:
     """Write ``fig`` to ``path`` (creating its folder) and release it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, **savefig)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -38,7 +39,7 @@ def plot_trajectory(
 
     ``kappas`` maps a component name to its kappa, for components whose ``name/reached`` was logged.
     """
-    plt = _pyplot()
+    plt = pyplot()
     steps = [r["step"] for r in records]
     shown = [n for n in kappas if records and f"{n}/reached" in records[-1]]
     betas = [k for k in (records[-1] if records else {}) if k.endswith("/beta")] or ["beta"]
@@ -71,24 +72,7 @@ def plot_trajectory(
     fig.colorbar(points, ax=fig.axes, label="iteration", shrink=0.9)
     if title:
         fig.suptitle(title)
-    return _save(fig, path, dpi=110)
-
-
-def plot_curves(runs: Sequence[tuple[str, Sequence[dict[str, float]], float | None]], path: Path) -> Path:
-    """Figure 4 of the paper: the KL (nats) and the pixel RMSE of the training batches against the
-    iteration for several ``(label, records, kappa)`` runs; a GECO run's kappa is a dashed line."""
-    plt = _pyplot()
-    fig, (ax_kl, ax_rmse) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
-    for label, records, kappa in runs:
-        steps = [r["step"] for r in records]
-        (line,) = ax_kl.plot(steps, [r["kl"] for r in records], label=label, lw=1)
-        ax_rmse.plot(steps, [r["rmse"] for r in records], color=line.get_color(), lw=1)
-        if kappa is not None:
-            ax_rmse.axhline(kappa, color=line.get_color(), ls="--", lw=1)
-    ax_kl.set(xlabel="iteration", ylabel="average KL of the batch (nats)", yscale="log", title="KL")
-    ax_rmse.set(xlabel="iteration", ylabel="pixel RMSE of the batch", yscale="log", title="reconstruction error")
-    ax_kl.legend(fontsize=8)
-    return _save(fig, path, dpi=110)
+    return save_figure(fig, path, dpi=110)
 
 
 def as_displayable(images: Tensor) -> Tensor:
@@ -101,7 +85,9 @@ def as_displayable(images: Tensor) -> Tensor:
 
 def _grid_image(rows: Sequence[Tensor]) -> Tensor:
     """One grid image ``(3, H, W)`` with a row per tensor, pixels in [0, 1]."""
-    from geco_core.compat import torchvision
+    from geco_core.compat import import_torchvision
+
+    torchvision = import_torchvision()
 
     rows = [as_displayable(r.detach().float().cpu().clamp(0, 1)) for r in rows]
     channels = max(r.shape[1] for r in rows)
@@ -117,7 +103,9 @@ def _grid_image(rows: Sequence[Tensor]) -> Tensor:
 def save_grid(rows: Sequence[Tensor], path: Path, labels: Sequence[str] = ()) -> Path:
     """One row per tensor (e.g. data, reconstructions, samples), pixels in [0, 1]."""
     if not labels:
-        from geco_core.compat import torchvision
+        from geco_core.compat import import_torchvision
+
+        torchvision = import_torchvision()
 
         path.parent.mkdir(parents=True, exist_ok=True)
         torchvision.utils.save_image(_grid_image(rows), path)
@@ -127,7 +115,7 @@ def save_grid(rows: Sequence[Tensor], path: Path, labels: Sequence[str] = ()) ->
 
 def save_grids(blocks: Sequence[tuple[str, Sequence[Tensor]]], path: Path, labels: Sequence[str] = ()) -> Path:
     """Figure 3 of the paper: one block per ``(title, rows)`` side by side, rows labelled on the left."""
-    plt = _pyplot()
+    plt = pyplot()
     images = [_grid_image(rows) for _, rows in blocks]
     height = max(im.shape[1] for im in images)
     widths = [im.shape[2] for im in images]
@@ -147,45 +135,4 @@ def save_grids(blocks: Sequence[tuple[str, Sequence[Tensor]]], path: Path, label
         if k == 0 and labels:
             step = im.shape[1] / len(rows)
             ax.set_yticks([step * (i + 0.5) for i in range(len(rows))], list(labels))
-    return _save(fig, path, dpi=100, bbox_inches="tight")
-
-
-def plot_information_plane(points: Sequence[dict], path: Path, title: str = "") -> Path:
-    """Figure 2 of the paper: NLL (bits/dim, quantised normal at sigma_opt) against the average KL
-    (nats, log scale). GECO's final points are joined by one line per ``group`` (dataset and model),
-    in order of kappa and labelled with it; other objectives are separate markers in the group's colour.
-
-    ``points``: dicts with ``group``, ``objective``, ``kappa`` (GECO), ``kl`` and ``nll``."""
-    plt = _pyplot()
-    markers = {"elbo": "*", "annealed-beta": "s", "beta": "D"}
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), layout="constrained")
-    groups = list(dict.fromkeys(p["group"] for p in points))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for g, group in enumerate(groups):
-        colour = colours[g % len(colours)]
-        mine = [p for p in points if p["group"] == group]
-        geco = sorted((p for p in mine if p["objective"] == "geco"), key=lambda p: p["kappa"] or 0)
-        if geco:
-            ax.plot([p["kl"] for p in geco], [p["nll"] for p in geco], "o-", color=colour, label=f"{group}: GECO")
-            for p in geco:
-                ax.annotate(
-                    f"κ={p['kappa']:g}", (p["kl"], p["nll"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
-                )
-        for objective, marker in markers.items():
-            pts = [p for p in mine if p["objective"] == objective]
-            if pts:
-                ax.scatter(
-                    [p["kl"] for p in pts],
-                    [p["nll"] for p in pts],
-                    marker=marker,
-                    s=70,
-                    color=colour,
-                    edgecolors="black",
-                    label=f"{group}: {objective}",
-                    zorder=3,
-                )
-    ax.set(xscale="log", xlabel="average KL (nats)", ylabel="NLL (bits/dim, quantised normal at σ_opt)")
-    ax.legend(fontsize=7, loc="best")
-    if title:
-        ax.set_title(title)
-    return _save(fig, path, dpi=110)
+    return save_figure(fig, path, dpi=100, bbox_inches="tight")

@@ -1,0 +1,316 @@
+"""Multiplier controllers: how GECO's lambda starts, moves and weighs the loss.
+
+:class:`GECO` owns Algorithm 1's bookkeeping (``c_hat``, the moving average ``c_ma``, bounds,
+warm-up, synchronisation); a controller decides the rest, per component::
+
+    paper       log lambda^0 = log lambda_init
+                log lambda^t = log lambda^(t-1) + lr * c_ma^t                     (Algorithm 1)
+    scaled      log lambda^0 = log(lambda_init * s)            s = multiplier_scale (RE: D / 2 kappa^2)
+                log lambda^t = log lambda^(t-1) + step * lr * clip(e^t, -1, 1),  lambda <= max_factor * s
+                                                               e = c_ma / value_scale (RE: kappa^2)
+    restart     scaled, and the first time a violated component turns satisfied (c_ma <= 0) its
+                lambda restarts from lambda^0 (Gallego-Posada et al. 2022), the optimiser's state
+                with it
+    nupi        log lambda^t = log lambda^0 + step * lr * (ki * sum_s e^s + kp * xi^t),
+                xi^t = nu * xi^(t-1) + (1 - nu) * e^t              (nuPI, Sohrabi et al. 2024)
+    normalised  scaled, with the loss divided by 1 + sum_i lambda_i / s_i, so its gradient keeps
+                the scale of the KL whatever lambda is
+
+Every controller but ``paper`` also stops a component's lambda from growing while its constraint
+is violated and has not improved its best relative value ``e`` by ``tolerance`` (of itself, where
+it exceeds 1) for ``patience`` updates: the constraint is reported ``unreachable`` (GECO's report,
+the summary, the progress bar) with the best value and the step it was reached, and lambda resumes
+as soon as it improves again.
+
+Controllers register through the ``geco_register_controllers`` hook like constraints do, so a
+third-party package can ship one: subclass :class:`Controller`, set ``name``, implement ``update``.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from geco_core.errors import ConfigError
+from geco_core.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from geco_core.geco import GECO
+
+__all__ = ["Controller", "Paper", "Scaled", "Restart", "NuPI", "Normalised", "build_controller", "DEFAULT"]
+
+#: the controller GECO uses unless told otherwise: the winner of benchmarks/multipliers.py
+DEFAULT = "restart"
+
+
+class Controller(nn.Module, abc.ABC):
+    """How lambda starts, moves and enters the loss. Subclasses set ``name``; ``discontinuous``
+    if ``update`` can jump (GECO then asks the optimiser to follow, :meth:`GECO.follow`); and list
+    in ``component_buffers`` every buffer with one entry per component (its state is then matched
+    by component name when loaded)."""
+
+    name: ClassVar[str] = ""
+    discontinuous: ClassVar[bool] = False
+    component_buffers: ClassVar[tuple[str, ...]] = ()
+
+    def setup(self, geco: GECO) -> None:
+        """Called once by GECO after its own buffers exist: size per-component state here."""
+
+    def initial_log_lambdas(self, lambda_init: Tensor, geco: GECO) -> Tensor:
+        """``log lambda^0`` from GECO's ``lambda_init`` (L,)."""
+        return lambda_init.log()
+
+    @abc.abstractmethod
+    def update(self, log_lambdas: Tensor, c_ma: Tensor, finite: Tensor, geco: GECO) -> tuple[Tensor, Tensor]:
+        """The new ``log lambda`` (before GECO's bounds) from the new moving average ``c_ma``, and a
+        scalar bool: whether this step jumped. Own buffers change only where ``finite`` (a scalar
+        bool: GECO skips updates with a non-finite ``c_hat``)."""
+
+    def loss(self, kl: Tensor, lambdas: Tensor, c: Tensor, geco: GECO) -> Tensor:
+        """The Lagrangian from the mean KL, lambda (L,) and the constraint ``c`` (L,)."""
+        return kl + (lambdas * c).sum()
+
+    def report(self, geco: GECO) -> dict[str, float]:
+        """Extra per-component values for GECO's report (``name/key``)."""
+        return {}
+
+    def unreachable(self, geco: GECO) -> Tensor | None:
+        """Boolean (L,): components whose lambda has stopped growing on a plateau; None where the
+        controller never stops it."""
+        return None
+
+
+class Paper(Controller):
+    """Algorithm 1 exactly: lambda starts at ``lambda_init`` and ``log lambda += lr * c_ma``."""
+
+    name = "paper"
+
+    def update(self, log_lambdas: Tensor, c_ma: Tensor, finite: Tensor, geco: GECO) -> tuple[Tensor, Tensor]:
+        return log_lambdas + geco.lr * c_ma, torch.zeros((), dtype=torch.bool, device=c_ma.device)
+
+
+class Scaled(Controller):
+    """Lambda from the constraint's own scale, moved by its relative violation.
+
+    ``log lambda^0 = log(lambda_init * start * s)`` with ``s = multiplier_scale``; ``log lambda +=
+    step * lr * clip(e + margin, -1, clip)`` with ``e = c_ma / value_scale`` (RE: ``(mse -
+    kappa^2) / kappa^2``), never beyond ``max_factor * s``. ``margin`` aims a little inside the
+    bound, so that held-out data (a little worse than the training batches) meets it too. While a
+    violated component has not improved its best ``e`` by ``tolerance`` (relative, where ``e > 1``)
+    for ``patience`` updates, its lambda does not grow (``patience = 0`` turns this off)."""
+
+    name = "scaled"
+    component_buffers = ("best", "best_step")
+
+    def __init__(
+        self,
+        step: float = 0.05,
+        start: float = 1e-3,
+        clip: float = 1.0,
+        margin: float = 0.02,
+        max_factor: float = 100.0,
+        patience: int = 500,
+        tolerance: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if not 0 <= margin < 1:
+            raise ConfigError(f"controller margin must be in [0, 1), got {margin!r}")
+        for key, value, low in (("step", step, 0.0), ("start", start, 0.0), ("clip", clip, 0.0)):
+            if not low < value < math.inf:
+                raise ConfigError(f"controller {key} must be > 0 and finite, got {value!r}")
+        if not 1 <= max_factor < math.inf:
+            raise ConfigError(f"controller max_factor must be >= 1, got {max_factor!r}")
+        if patience < 0:
+            raise ConfigError(f"controller patience must be >= 0, got {patience!r}")
+        if not 0 <= tolerance < math.inf:
+            raise ConfigError(f"controller tolerance must be >= 0, got {tolerance!r}")
+        self.step, self.start, self.clip, self.max_factor = float(step), float(start), float(clip), float(max_factor)
+        self.margin = float(margin)
+        self.patience, self.tolerance = int(patience), float(tolerance)
+
+    def setup(self, geco: GECO) -> None:
+        like = geco.log_lambdas
+        self.register_buffer("best", torch.full_like(like, torch.finfo(like.dtype).max))  # none yet
+        self.register_buffer("best_step", torch.zeros_like(like, dtype=torch.long))
+
+    def initial_log_lambdas(self, lambda_init: Tensor, geco: GECO) -> Tensor:
+        return (lambda_init * self.start * geco.multiplier_scale).log()
+
+    def relative(self, c_ma: Tensor, geco: GECO) -> Tensor:
+        """``e = c_ma / value_scale``: the violation in units of a meaningful change."""
+        return c_ma / geco.value_scale
+
+    def update(self, log_lambdas: Tensor, c_ma: Tensor, finite: Tensor, geco: GECO) -> tuple[Tensor, Tensor]:
+        e = self.relative(c_ma, geco)
+        proposed = self.integrate(log_lambdas, (e + self.margin).clamp(-1, self.clip), finite, geco)
+        proposed = torch.minimum(proposed, (geco.multiplier_scale * self.max_factor).log())
+        return self.hold_on_plateau(log_lambdas, proposed, e, finite, geco), self.no_jump(c_ma)
+
+    def integrate(self, log_lambdas: Tensor, e: Tensor, finite: Tensor, geco: GECO) -> Tensor:
+        return log_lambdas + self.step * geco.lr * e
+
+    def hold_on_plateau(self, old: Tensor, new: Tensor, e: Tensor, finite: Tensor, geco: GECO) -> Tensor:
+        """Track each component's best ``e``; where it has stalled while violated, lambda may fall
+        but not rise."""
+        if not self.patience:
+            return new
+        improved = finite & (e < self.best - self.tolerance * self.best.abs().clamp(min=1.0))
+        self.best.copy_(torch.where(improved, e, self.best))
+        self.best_step.copy_(torch.where(improved, geco.step, self.best_step))
+        return torch.where(self.unreachable_now(e, geco), torch.minimum(old, new), new)
+
+    def unreachable_now(self, e: Tensor, geco: GECO) -> Tensor:
+        return (e > 0) & (geco.step - self.best_step >= self.patience)
+
+    def unreachable(self, geco: GECO) -> Tensor | None:
+        return self.unreachable_now(self.relative(geco.c_ma, geco), geco) if self.patience else None
+
+    def report(self, geco: GECO) -> dict[str, float]:
+        stalled = self.unreachable(geco)
+        if stalled is None:
+            return {}
+        out: dict[str, float] = {}
+        best_c = (self.best * geco.value_scale).tolist()
+        for name, flag, best, at in zip(geco.component_names, stalled.tolist(), best_c, self.best_step.tolist()):
+            out[f"{name}/unreachable"] = float(flag)
+            out[f"{name}/best_c_ma"] = best
+            out[f"{name}/best_step"] = float(at)
+        return out
+
+    @staticmethod
+    def no_jump(like: Tensor) -> Tensor:
+        return torch.zeros((), dtype=torch.bool, device=like.device)
+
+
+class Restart(Scaled):
+    """:class:`Scaled`, plus a dual restart: the first time a violated component turns satisfied,
+    its lambda restarts (Gallego-Posada et al. 2022) and GECO clears the optimiser's state so that
+    Adam's step sizes follow (:meth:`GECO.follow`). ``restart_to = "start"`` goes back to
+    ``lambda^0``; ``"midway"`` to the geometric mean of ``lambda^0`` and the lambda reached, which
+    adapts to how far the climb went. The climb to first satisfaction trains the reconstruction;
+    the restart hands the KL back its weight without the frozen optimiser and the slow decay that a
+    wound-up multiplier leaves behind."""
+
+    name = "restart"
+    discontinuous = True
+    component_buffers = (*Scaled.component_buffers, "violated", "restarted", "log_lambda0")
+    RESTART_TO = ("start", "midway")
+
+    def __init__(
+        self,
+        step: float = 0.05,
+        start: float = 1e-3,
+        clip: float = 1.0,
+        margin: float = 0.02,
+        restart_to: str = "midway",
+        max_factor: float = 100.0,
+        patience: int = 500,
+        tolerance: float = 0.01,
+    ) -> None:
+        super().__init__(step, start, clip, margin, max_factor, patience, tolerance)
+        if restart_to not in self.RESTART_TO:
+            raise ConfigError(f"controller restart_to must be start or midway, got {restart_to!r}")
+        self.restart_to = restart_to
+
+    def setup(self, geco: GECO) -> None:
+        super().setup(geco)
+        self.register_buffer("violated", torch.zeros_like(geco.log_lambdas, dtype=torch.bool))
+        self.register_buffer("restarted", torch.zeros_like(geco.log_lambdas, dtype=torch.bool))
+        self.register_buffer("log_lambda0", geco.log_lambdas.clone())
+
+    def update(self, log_lambdas: Tensor, c_ma: Tensor, finite: Tensor, geco: GECO) -> tuple[Tensor, Tensor]:
+        new, _ = super().update(log_lambdas, c_ma, finite, geco)
+        first = finite & (c_ma <= 0) & self.violated & ~self.restarted
+        self.violated.copy_(self.violated | (finite & (c_ma > 0)))
+        self.restarted.copy_(self.restarted | first)
+        target = self.log_lambda0 if self.restart_to == "start" else (self.log_lambda0 + new) / 2
+        return torch.where(first, torch.minimum(new, target), new), first.any()
+
+    def report(self, geco: GECO) -> dict[str, float]:
+        out = super().report(geco)
+        for name, flag in zip(geco.component_names, self.restarted.tolist()):
+            out[f"{name}/restarted"] = float(flag)
+        return out
+
+
+class NuPI(Scaled):
+    """nuPI control of log lambda (Sohrabi et al., ICML 2024; Cooper's ``nuPI``) on the relative
+    violation ``e``: ``log lambda^t = log lambda^(t-1) + step * lr * (ki * e^t + kp * (xi^t -
+    xi^(t-1)))``, ``xi`` an EMA of ``e`` with coefficient ``nu``, ``xi^(-1) = e^0``. In closed form
+    ``log lambda^t = log lambda^0 + step * lr * (ki * sum e + kp * (xi^t - e^0))``: the
+    proportional term lowers lambda as soon as the violation shrinks, before the integral has
+    unwound."""
+
+    name = "nupi"
+    component_buffers = (*Scaled.component_buffers, "xi")
+
+    def __init__(
+        self,
+        step: float = 0.05,
+        kp: float = 5.0,
+        ki: float = 1.0,
+        nu: float = 0.0,
+        start: float = 1e-3,
+        clip: float = 1.0,
+        margin: float = 0.02,
+        max_factor: float = 100.0,
+        patience: int = 500,
+        tolerance: float = 0.01,
+    ) -> None:
+        super().__init__(step, start, clip, margin, max_factor, patience, tolerance)
+        if kp < 0 or ki < 0 or not 0 <= nu < 1:
+            raise ConfigError(f"nupi needs kp >= 0, ki >= 0 and 0 <= nu < 1, got kp={kp}, ki={ki}, nu={nu}")
+        self.kp, self.ki, self.nu = float(kp), float(ki), float(nu)
+
+    def setup(self, geco: GECO) -> None:
+        super().setup(geco)
+        self.register_buffer("xi", torch.zeros_like(geco.log_lambdas))
+
+    def integrate(self, log_lambdas: Tensor, e: Tensor, finite: Tensor, geco: GECO) -> Tensor:
+        previous = torch.where(geco.step == 0, e, self.xi)  # xi^(-1) = e^0
+        xi = self.nu * previous + (1 - self.nu) * e
+        self.xi.copy_(torch.where(finite, xi, self.xi))
+        return log_lambdas + self.step * geco.lr * (self.ki * e + self.kp * (xi - previous))
+
+
+class Normalised(Scaled):
+    """:class:`Scaled` with the Lagrangian divided by ``1 + sum_i lambda_i / s_i`` (s the natural
+    multiplier scales): ``(KL + lambda . C) / (1 + sum lambda / s)``, so the gradient keeps the
+    scale of the KL (for small lambda) or of ``s . C`` (for large) and Adam's moment estimates stay
+    valid when lambda moves by orders of magnitude."""
+
+    name = "normalised"
+
+    def loss(self, kl: Tensor, lambdas: Tensor, c: Tensor, geco: GECO) -> Tensor:
+        norm = 1 + (lambdas / geco.multiplier_scale.to(lambdas.dtype)).sum()
+        return (kl + (lambdas * c).sum()) / norm
+
+
+def build_controller(spec: str | Mapping[str, Any] | Controller | None) -> Controller:
+    """A controller from a registered name, a ``{"name": ..., **options}`` mapping, or itself."""
+    if isinstance(spec, Controller):
+        return spec
+    from geco_core.plugins import create
+
+    if spec is None:
+        spec = DEFAULT
+    if isinstance(spec, str):
+        return create("controller", spec)
+    if isinstance(spec, Mapping):
+        options = dict(spec)
+        name = options.pop("name", None)
+        if not isinstance(name, str):
+            raise ConfigError(f"controller needs a name, e.g. {{ name = {DEFAULT!r} }}; got {dict(spec)!r}")
+        return create("controller", name, **options)
+    raise ConfigError(f"controller must be a name, a table with a name, or a Controller; got {spec!r}")
+
+
+@hookimpl
+def geco_register_controllers(register):
+    for controller in (Paper, Scaled, Restart, NuPI, Normalised):
+        register(controller)

@@ -1,0 +1,45 @@
+"""The training layer: configs, objectives, the run folder, the loop and its callbacks, summaries.
+
+Imports the algorithm layer (``geco_core``), models and data, never evaluation or the CLI::
+
+    from geco_core.training import train, resume, Callback
+
+    class PrintKL(Callback):
+        def on_log(self, trainer, record):
+            print(record["step"], record["kl"])
+
+    train("configs/quickstart.toml", extra_callbacks=[PrintKL()])
+"""
+
+from __future__ import annotations
+
+from geco_core.training.config import Config, load_config
+from geco_core.training.experiment import Experiment, build, evaluate_heldout, evaluating, load_dataset
+from geco_core.training.loop import Callback, RunDiverged, Trainer, default_callbacks, resume, train
+from geco_core.training.objectives import Objective
+from geco_core.training.run import CHECKPOINT, Run, load_checkpoint, strict_json, write_atomic
+from geco_core.training.supervised import accuracy, train_classifier
+
+__all__ = [
+    "Config",
+    "load_config",
+    "Experiment",
+    "build",
+    "evaluate_heldout",
+    "evaluating",
+    "load_dataset",
+    "Callback",
+    "RunDiverged",
+    "Trainer",
+    "default_callbacks",
+    "train",
+    "resume",
+    "Objective",
+    "CHECKPOINT",
+    "Run",
+    "load_checkpoint",
+    "strict_json",
+    "write_atomic",
+    "accuracy",
+    "train_classifier",
+]

@@ -1,0 +1,122 @@
+"""Training on several processes (``torchrun``): the process group, the shard of each global batch,
+and the few collectives the loop needs.
+
+Under ``torchrun --nproc_per_node=N geco train ...`` every process runs the same loop:
+
+* the process group comes from the environment torchrun sets (``WORLD_SIZE``, ``RANK``,
+  ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): gloo on CPU, NCCL on CUDA (one GPU per process,
+  ``cuda:LOCAL_RANK``);
+* ``train.batch_size`` is the *global* batch: process r takes the r-th of N equal, disjoint,
+  contiguous pieces of every global batch (the batch must divide by N), so a config means the
+  same at any world size and the data order is the single-process one;
+* the model and the objective are wrapped together in ``DistributedDataParallel``, which averages
+  gradients: with equal pieces that is the gradient of the whole batch's loss; GECO averages its
+  constraint means over the processes before its moving average (every process holds the same
+  lambda);
+* process 0 alone writes the run folder; the others keep their state in step and answer the
+  collectives (checkpoints gather every process's RNG state).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import attrs
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from geco_core.errors import ConfigError
+
+__all__ = ["Processes", "join", "leave"]
+
+
+@attrs.frozen
+class Processes:
+    """Where this process stands: its ``rank`` among ``world`` processes (``local_rank`` on its node)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Process 0, the one that writes."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def shard(self, index: Tensor) -> Tensor:
+        """This process's piece of a global batch of example indices."""
+        if not self.distributed:
+            return index
+        return index.view(self.world, -1)[self.rank]
+
+    def check_batch(self, batch_size: int) -> None:
+        if batch_size % self.world:
+            raise ConfigError(
+                f"train.batch_size = {batch_size} does not divide into {self.world} processes: "
+                "it is the global batch, shared equally"
+            )
+
+    def all_finite(self, finite: bool, device: torch.device) -> bool:
+        """True on every process when it is true on all of them."""
+        if not self.distributed:
+            return finite
+        flag = torch.tensor([1.0 if finite else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
+    def mean(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Scalar tensors averaged over the processes (each holds an equal piece of the batch)."""
+        if not self.distributed or not values:
+            return values
+        stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+        dist.all_reduce(stacked)
+        return dict(zip(values, stacked / self.world))
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's ``obj``, in rank order (on every process)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Process 0's ``obj``, on every process."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def join(device: str) -> Processes:
+    """Join the process group described by torchrun's environment (one process: nothing to join).
+    ``device`` is ``train.device``; on CUDA each process takes the GPU ``LOCAL_RANK``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Processes()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(local)
+        backend = "nccl" if cuda else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    return Processes(rank, dist.get_world_size(), local)
+
+
+def leave() -> None:
+    """Leave the process group (at the end of ``geco train`` / ``resume``)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

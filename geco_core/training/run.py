@@ -1,0 +1,273 @@
+"""A run folder, one type for train, resume, eval and sweep: :class:`Run`.
+
+::
+
+    config.toml            the resolved config (every default written out)
+    metrics.jsonl          one strict-JSON line per logged step (non-finite numbers as null)
+    tb/                    the same metrics for TensorBoard
+    checkpoints/latest.pt  model, optimiser, objective (GECO) and RNG states, written atomically
+    summary.json           the final summary: held-out evaluation, each constraint against its kappa
+    eval.json              ``geco eval``'s report
+    plots/                 trajectory.png (the paper's Figure 1) and grid.png (data / recon / samples)
+    .lock                  held while a process trains in the folder
+
+Every mistake with a path (a missing folder, a file in the way, a full disk) is one line naming
+the path; a write that fails leaves the previous file as it was and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import math
+import os
+import pickle
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from geco_core.errors import CheckpointError, ConfigError
+from geco_core.training.config import Config, load_config
+
+__all__ = ["Run", "CHECKPOINT", "write_atomic", "load_checkpoint", "strict_json", "nonfinite_entries"]
+
+CHECKPOINT = Path("checkpoints") / "latest.pt"
+CHECKPOINT_FORMAT = 1
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``. A failure
+    (a full disk, a missing folder) removes the temporary file, leaves ``path`` as it was, and is a
+    :class:`CheckpointError` naming ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError | RuntimeError):
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            raise CheckpointError(f"cannot write {path}: {reason} (the previous file, if any, is intact)") from None
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint without unpickling arbitrary objects; a clear error if it is unreadable."""
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"checkpoint {path} holds objects other than tensors and plain values; geco never loads those "
+            "(a checkpoint geco wrote holds none: this file is not one)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {reason}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a geco checkpoint of format {CHECKPOINT_FORMAT}")
+    return state
+
+
+def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
+    """The keys of floating-point tensors in a nested state that hold NaN or infinity."""
+    if isinstance(state, torch.Tensor):
+        return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
+    if isinstance(state, dict):
+        return [k for key, v in state.items() for k in nonfinite_entries(v, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(state, list | tuple):
+        return [k for i, v in enumerate(state) for k in nonfinite_entries(v, f"{prefix}[{i}]")]
+    return []
+
+
+def strict_json(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON (``NaN`` and ``Infinity`` are not JSON): non-finite floats become null."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), allow_nan=False, indent=indent)
+
+
+class Run:
+    """A run folder and its config. :meth:`create` makes a new one, :meth:`open` an existing one;
+    both fail with one line naming the path."""
+
+    def __init__(self, path: Path, config: Config) -> None:
+        self.path = Path(path)
+        self.config = config
+
+    # --- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, config: Config, path: str | Path | None = None, name: str = "run") -> Run:
+        """A new run folder for ``config``: ``path``, or ``logging.dir/(logging.name or name)-<time>``
+        (``-2``, ``-3``, ... if taken, claimed with an atomic mkdir). ``path`` may exist if it is
+        empty, or holds only a run of the same config that never reached a checkpoint (a run killed
+        early restarts in place)."""
+        if path is None:
+            base = Path(config.logging.dir) / f"{config.logging.name or name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            _make_folder(base.parent, "logging.dir")
+            folder, k = base, 1
+            while True:
+                try:
+                    folder.mkdir()
+                    break
+                except FileExistsError:
+                    k += 1
+                    folder = base.with_name(f"{base.name}-{k}")
+                except OSError as exc:
+                    raise ConfigError(f"cannot create run folder {folder}: {exc.strerror}") from None
+        else:
+            folder = Path(path)
+            if folder.exists() and not folder.is_dir():
+                raise ConfigError(f"run folder {folder} is a file, not a folder")
+            if folder.is_dir() and any(folder.iterdir()) and not cls._restartable(folder, config):
+                raise ConfigError(
+                    f"run folder {folder} already exists and is not empty: `geco resume {folder}` continues it"
+                )
+            _make_folder(folder, "--run-dir")
+        run = cls(folder, config)
+        run.save_config(config)
+        return run
+
+    @staticmethod
+    def _restartable(folder: Path, config: Config) -> bool:
+        """A folder holding this config and no checkpoint: a run that died before its first one."""
+        try:
+            return not (folder / CHECKPOINT).exists() and load_config(folder / "config.toml", resolved=True) == config
+        except ConfigError:
+            return False
+
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        """An existing run folder; its config is read and checked."""
+        folder = Path(path)
+        if not folder.exists():
+            raise ConfigError(f"run folder {folder} does not exist")
+        if not folder.is_dir():
+            raise ConfigError(f"{folder} is a file, not a run folder")
+        if not (folder / "config.toml").is_file():
+            raise ConfigError(f"{folder} is not a run folder (no config.toml)")
+        return cls(folder, load_config(folder / "config.toml", resolved=True))
+
+    # --- contents ------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def eval_path(self) -> Path:
+        return self.path / "eval.json"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def tb_dir(self) -> Path:
+        return self.path / "tb"
+
+    def save_config(self, config: Config) -> None:
+        """Write the resolved ``config`` as ``config.toml`` (atomically)."""
+        import tomli_w
+
+        text = tomli_w.dumps(config.to_dict()).encode()
+        write_atomic(self.path / "config.toml", lambda f: f.write(text))
+        self.config = config
+
+    def has_checkpoint(self) -> bool:
+        return self.checkpoint_path.is_file()
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        return load_checkpoint(self.checkpoint_path)
+
+    def checkpoint_step(self) -> int:
+        """The step of the checkpoint (0 if there is none)."""
+        return int(self.load_checkpoint()["step"]) if self.has_checkpoint() else 0
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Write ``state`` atomically over the checkpoint. A state holding NaN or infinity is
+        refused (:class:`CheckpointError` naming the first such tensor): it never replaces a good
+        checkpoint."""
+        bad = nonfinite_entries({k: state[k] for k in ("model", "objective", "optimizer") if k in state})
+        if bad:
+            raise CheckpointError(
+                f"not writing a checkpoint at step {state.get('step')}: {bad[0]} holds NaN or infinity "
+                f"({len(bad)} tensor(s)); {self.checkpoint_path} keeps the last good state"
+            )
+        _make_folder(self.checkpoint_path.parent, "checkpoint folder")
+        write_atomic(self.checkpoint_path, lambda f: torch.save(state, f))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Every logged record, in order (``metrics.jsonl``)."""
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+
+    def read_summary(self) -> dict[str, Any] | None:
+        return json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else None
+
+    def describe(self) -> str:
+        """One line: where the run is, its objective, model and data, and how far it got."""
+        c = self.config
+        done = self.checkpoint_step()
+        state = "finished" if self.summary_path.is_file() else f"step {done} of {c.train.steps}"
+        return f"{self.path}: {c.objective.name} · {c.model.name} · {c.data.name}, {state}"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder's lock while training in it; a second process is refused with one line.
+        The lock is an advisory ``flock`` on ``.lock``: the kernel drops it when a process dies."""
+        path = self.path / ".lock"
+        f = open(path, "a")  # noqa: SIM115 - closed below; never written: the folder stays as it was
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            f.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise ConfigError(f"run folder {self.path} is in use by another geco process") from None
+            raise
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
+
+
+def _make_folder(path: Path, what: str) -> None:
+    """``mkdir -p`` with one-line errors naming ``what`` and the path."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{what} {path}: a file is in the way of the folder") from None
+    except NotADirectoryError:
+        raise ConfigError(f"{what} {path}: a file is in the way of the folder") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot create the folder ({exc.strerror})") from None
