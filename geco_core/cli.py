@@ -126,7 +126,7 @@ def _plot(args: argparse.Namespace) -> int:
         if not records:
             raise ConfigError(f"{run.path} has no metrics.jsonl to plot")
         rows = (run.read_summary() or {}).get("constraints", [])
-        kappa = rows[0]["kappa"] if rows and run.config.objective.name != "elbo" and "c_ma" in rows[0] else None
+        kappa = rows[0]["kappa"] if rows and "c_ma" in rows[0] else None  # a kappa the run enforced
         runs.append((f"{run.path.parent.name}/{run.path.name}", records, kappa))
     print(plot_curves(runs, Path(args.out)))
     return 0

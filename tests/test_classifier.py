@@ -42,19 +42,16 @@ def test_training_is_deterministic_given_the_seed_and_uses_augment_and_preproces
         seen.append(x.shape)
         return (x + 0.01 * torch.randn(x.shape, generator=g)).clamp(0, 1)
 
-    a, b = net(), net()
-    for model in (a, b):
+    def trained(seed: int = 3, preprocess=lambda x: x - 0.5):
+        model = net()
         train_classifier(
-            model,
-            train,
-            test,
-            epochs=1,
-            lr=1e-2,
-            batch_size=64,
-            seed=3,
-            augment=augment,
-            preprocess=lambda x: x - 0.5,
-            log=lambda _: None,
-        )
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    assert len(seen) == 2 * (256 // 64)
+            model, train, test, epochs=1, lr=1e-2, batch_size=64, seed=seed,
+            augment=augment, preprocess=preprocess, log=lambda _: None,
+        )  # fmt: skip
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    a, b = trained(), trained()
+    assert torch.equal(a, b)  # the same seed: the same weights
+    assert len(seen) == 2 * (256 // 64)  # augment saw every batch
+    assert not torch.equal(a, trained(seed=4))  # the seed draws the order and the augmentation
+    assert not torch.equal(a, trained(preprocess=None))  # preprocess is applied

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
-from helpers import REPO
+from helpers import REPO, needs_plugins
 
 from geco_core import ConfigError
 from geco_core.training.config import Config, load_config
@@ -117,9 +117,15 @@ def test_the_resolved_config_round_trips_through_toml():
     assert again.train.batch_size == 64  # defaults are written out
 
 
+@needs_plugins
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
-def test_every_shipped_config_parses(path: Path):
-    assert isinstance(load_config(path), Config)
+def test_every_shipped_config_parses_to_what_it_says_and_round_trips(path: Path):
+    raw = tomllib.loads(path.read_text())
+    cfg = load_config(path)
+    assert cfg.objective.name == raw["objective"]["name"] and cfg.model.name == raw["model"]["name"]
+    assert [c.name for c in cfg.constraints] == [c["name"] for c in raw.get("constraints", [])]
+    assert [c.options.get("kappa") for c in cfg.constraints] == [c.get("kappa") for c in raw.get("constraints", [])]
+    assert Config.from_dict(tomllib.loads(tomli_w.dumps(cfg.to_dict()))) == cfg
 
 
 BAD_WHEN_BUILT = [

@@ -394,9 +394,13 @@ def upgrade_resolved(data: dict[str, Any]) -> dict[str, Any]:
     of the objectives that take them, and its GECO runs keep Algorithm 1 (``controller = "paper"``)
     and the paper's CLA (``form = "probability"``), as they were trained."""
     objective = data.get("objective")
-    if not isinstance(objective, dict) or not _LEGACY_OPTIONS.keys() & objective.keys():
+    if not isinstance(objective, dict):
         return data
-    legacy = {key: objective.pop(key) for key in _LEGACY_OPTIONS.keys() & objective.keys()}
+    # a legacy option is a plain value; ``beta`` as a table is ``[objective.beta]`` of this version
+    keys = {key for key in _LEGACY_OPTIONS.keys() & objective.keys() if not isinstance(objective[key], dict)}
+    if not keys:
+        return data
+    legacy = {key: objective.pop(key) for key in keys}
     for key, value in legacy.items():
         for name in _LEGACY_OPTIONS[key]:
             objective.setdefault(name, {}).setdefault(key, value)
