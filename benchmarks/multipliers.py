@@ -100,7 +100,7 @@ def cell_config(cell: str, label: str, seed: int, steps: int) -> dict[str, Any]:
     geco["alpha"] = 0.9
     if label.startswith("fixed-"):  # lambda_init is a factor of the natural scale; it never moves
         geco["lambda_init"] = float(label.removeprefix("fixed-"))
-        geco["controller"] = {"name": "scaled", "step": 1e-12, "patience": 0}
+        geco["controller"] = {"name": "scaled", "start": 1.0, "step": 1e-12, "patience": 0}
     elif label == "paper":
         geco["controller"] = "paper"
         geco["lr"] = SHIPPED_PAPER["lr"].get(path, 1.0)

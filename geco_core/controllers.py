@@ -5,12 +5,12 @@ warm-up, synchronisation); a controller decides the rest, per component::
 
     paper       log lambda^0 = log lambda_init
                 log lambda^t = log lambda^(t-1) + lr * c_ma^t                     (Algorithm 1)
-    scaled      log lambda^0 = log(lambda_init * s)            s = multiplier_scale (RE: D / 2 kappa^2)
+    scaled      log lambda^0 = log(lambda_init * start * s)    s = multiplier_scale (RE: D / 2 kappa^2)
                 log lambda^t = log lambda^(t-1) + step * lr * clip(e^t, -1, 1),  lambda <= max_factor * s
                                                                e = c_ma / value_scale (RE: kappa^2)
     restart     scaled, and the first time a violated component turns satisfied (c_ma <= 0) its
-                lambda restarts from lambda^0 (Gallego-Posada et al. 2022), the optimiser's state
-                with it
+                log lambda restarts midway to log lambda^0 (Gallego-Posada et al. 2022), and the
+                optimiser's state is cleared
     nupi        log lambda^t = log lambda^0 + step * lr * (ki * sum_s e^s + kp * xi^t),
                 xi^t = nu * xi^(t-1) + (1 - nu) * e^t              (nuPI, Sohrabi et al. 2024)
     normalised  scaled, with the loss divided by 1 + sum_i lambda_i / s_i, so its gradient keeps
