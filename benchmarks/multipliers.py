@@ -209,6 +209,20 @@ def frontier_kl(rows: list[dict[str, Any]], reached: float) -> float | None:
     return None
 
 
+def reachable(cell_rows: list[dict[str, Any]], frontier: list[dict[str, Any]]) -> bool:
+    """Whether any run of the cell (any controller or seed) or any fixed lambda of its config ended
+    held-out on the satisfied side of the cell's kappa: if none did, kappa is out of reach at this
+    budget and the cell is not held against the targets."""
+    if any(r["heldout_value"] is not None and r["heldout_value"] <= 0 for r in cell_rows):
+        return True
+    kappa = cell_rows[0]["kappa"]
+    known = [r for r in cell_rows if r["heldout"] is not None and r["heldout_value"] and r["heldout"] != kappa]
+    if not known:
+        return False
+    lower_is_better = (known[0]["heldout"] > kappa) == (known[0]["heldout_value"] > 0)
+    return any(f["heldout"] <= kappa if lower_is_better else f["heldout"] >= kappa for f in frontier)
+
+
 def table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     """The markdown table and the rows with their derived columns."""
     fixed = [r for r in rows if r["controller"].startswith("fixed-")]
@@ -224,6 +238,7 @@ def table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
         front = frontier_kl(frontier, r["heldout"]) if r["heldout"] is not None else None
         ratio = r["kl"] / front if front else None
         ceiling = r["max_lambda"] is not None and r["max_lambda"] >= 0.99e12
+        in_reach = reachable([q for q in runs if q["cell"] == r["cell"]], frontier)
         ok = (
             dev is not None
             and -0.05 <= dev <= 0
@@ -233,13 +248,14 @@ def table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
             and r["adam_ratio"] >= 0.1
             and not r["diverged"]
         )
-        r = {**r, "dev": dev, "kl_over_frontier": ratio, "meets_targets": ok}
+        r = {**r, "dev": dev, "kl_over_frontier": ratio, "reachable": in_reach, "meets_targets": ok and in_reach}
+        verdict = ("yes" if ok else "no") if in_reach else "κ out of reach"
         out.append(r)
         lines.append(
             f"| {r['cell']} | {r['kappa']:g} | {r['controller']} | {r['seed']} | {_f(r['heldout'], '.4f')} | "
             f"{_f(dev, '+.1%')} | {r['kl']:.1f} | {_f(ratio, '.2f')} | {_f(r['max_lambda'], '.2g')} | "
             f"{_f(r['final_lambda'], '.2g')} | {r['first_satisfied'] if r['first_satisfied'] is not None else '-'} | "
-            f"{_f(r['adam_ratio'], '.2f')} | {'yes' if ok else 'no'} |"
+            f"{_f(r['adam_ratio'], '.2f')} | {verdict} |"
         )
     out += sorted(fixed, key=lambda r: (r["cell"], float(r["controller"][6:])))
     return "\n".join(lines), out
@@ -257,13 +273,14 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--no-frontier", action="store_true", help="skip the fixed-lambda runs")
+    parser.add_argument("--frontier", nargs="+", type=float, default=list(FRONTIER), help="its factors")
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)))
     args = parser.parse_args()
-    cells = [c for c in CELLS if any(c == p or c.startswith(p) for p in args.cells)]
+    cells = [c for c in CELLS if any(c == p or (p not in CELLS and c.startswith(p)) for p in args.cells)]
     jobs = [(c, label, s) for c in cells for label in args.controllers for s in args.seeds]
     if not args.no_frontier:
         configs = dict.fromkeys(frontier_cell(CELLS[c][0]) for c in cells)
-        jobs += [(c, f"fixed-{f:g}", 0) for c in configs for f in FRONTIER]
+        jobs += [(c, f"fixed-{f:g}", 0) for c in configs for f in args.frontier]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_cell, args.out, c, label, s, args.steps) for c, label, s in jobs]
         for fut in futures:

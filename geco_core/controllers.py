@@ -17,8 +17,8 @@ warm-up, synchronisation); a controller decides the rest, per component::
                 the scale of the KL whatever lambda is
 
 Every controller but ``paper`` also stops a component's lambda from growing while its constraint
-is violated and has not improved its best relative value ``e`` by ``tolerance`` (of itself, where
-it exceeds 1) for ``patience`` updates: the constraint is reported ``unreachable`` (GECO's report,
+is violated and has not improved its best relative value ``e`` (since it was last satisfied) by
+``tolerance`` (of itself, where it exceeds 1) for ``patience`` updates: the constraint is reported ``unreachable`` (GECO's report,
 the summary, the progress bar) with the best value and the step it was reached, and lambda resumes
 as soon as it improves again.
 
@@ -155,13 +155,16 @@ class Scaled(Controller):
         return log_lambdas + self.step * geco.lr * e
 
     def hold_on_plateau(self, old: Tensor, new: Tensor, e: Tensor, finite: Tensor, geco: GECO) -> Tensor:
-        """Track each component's best ``e``; where it has stalled while violated, lambda may fall
-        but not rise."""
+        """Track each component's best ``e`` since it was last satisfied; where it has stalled while
+        violated, lambda may fall but not rise. A satisfied component starts the count afresh: a
+        constraint that was met and drifts back above kappa is not unreachable."""
         if not self.patience:
             return new
-        improved = finite & (e < self.best - self.tolerance * self.best.abs().clamp(min=1.0))
-        self.best.copy_(torch.where(improved, e, self.best))
-        self.best_step.copy_(torch.where(improved, geco.step, self.best_step))
+        satisfied = finite & (e <= 0)
+        improved = finite & ~satisfied & (e < self.best - self.tolerance * self.best.abs().clamp(min=1.0))
+        none_yet = torch.full_like(self.best, torch.finfo(self.best.dtype).max)
+        self.best.copy_(torch.where(satisfied, none_yet, torch.where(improved, e, self.best)))
+        self.best_step.copy_(torch.where(satisfied | improved, geco.step, self.best_step))
         return torch.where(self.unreachable_now(e, geco), torch.minimum(old, new), new)
 
     def unreachable_now(self, e: Tensor, geco: GECO) -> Tensor:

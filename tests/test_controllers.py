@@ -191,6 +191,26 @@ def test_a_stalled_violated_component_stops_lambda_growing_and_is_reported_unrea
     assert geco.log_lambdas.item() > held
 
 
+@pytest.mark.parametrize("name", ["scaled", "restart", "nupi", "normalised"])
+def test_a_met_constraint_that_drifts_back_above_kappa_is_not_unreachable(name):
+    """The patience counts from the last time the component was satisfied: a constraint that was
+    met, and is violated for fewer than ``patience`` updates, keeps pushing lambda up, although no
+    violation can beat the value it had when it was met. A violation that then stalls is caught."""
+    geco = make({"name": name, "step": 0.1, "patience": 20, "tolerance": 0.01, "margin": 0.0}, alpha=0.0)
+    for _ in range(10):
+        step(geco, [-0.5])  # met
+    for _ in range(18):
+        step(geco, [0.3])  # violated, constant: 27 updates after the best value, 18 after it was met
+    assert geco.report()["c0/unreachable"] == 0.0
+    before = geco.log_lambdas.item()
+    step(geco, [0.3])
+    assert geco.log_lambdas.item() > before  # still rising
+    for _ in range(5):
+        step(geco, [0.3])
+    report = geco.report()  # now 24 updates without a better violation: stalled
+    assert report["c0/unreachable"] == 1.0 and report["c0/best_c_ma"] == pytest.approx(0.3)
+
+
 def test_normalised_divides_the_lagrangian_by_one_plus_the_relative_multipliers():
     geco = make("normalised", dims=(1, 1), scales=(2.0, 8.0))
     geco.eval()
