@@ -87,6 +87,7 @@ def against(run_dir: str, old: str) -> None:
             subprocess.run(
                 [sys.executable, "-W", "ignore", "-m", "geco_core.cli", "eval", str(copy)],
                 env=old_env if name == "old" else os.environ, check=True, capture_output=True,
+                cwd=runs,  # not the checkout: '' on sys.path would shadow the old one's PYTHONPATH
             )  # fmt: skip
             times[name].append(time.perf_counter() - t0)
     o, n = statistics.median(times["old"]), statistics.median(times["new"])

@@ -347,3 +347,31 @@ def test_the_gaussian_density_matrix_from_one_product_equals_the_expanded_formul
     expected = -0.5 * (quad + const)
     got = log_density_matrix(DiagonalGaussian(mu, log_var), n, z)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("spread", [0.05, 3.0], ids=["narrow posteriors", "wide posteriors"])
+def test_marginal_kl_equals_a_naive_float64_loop_to_round_off(spread):
+    """The blocked matrix products and the log-mean-exp that skips negligible terms give what a loop
+    over every z_j (float64 logsumexp over all n examples) gives, to float64 round-off, whether most
+    terms are negligible (narrow posteriors) or none is (wide)."""
+    n, d = 700, 5
+    g = torch.Generator().manual_seed(11)
+    mu = torch.randn(n, d, generator=g, dtype=torch.float64) * 2
+    log_var = (torch.rand(n, d, generator=g, dtype=torch.float64) * spread).log()
+
+    class Model:
+        def posterior(self, x, context=None):
+            return DiagonalGaussian(x[:, :d], x[:, d:])
+
+        def prior_log_prob(self, z, context=None):
+            return -0.5 * (z.square() + math.log(2 * math.pi)).sum(-1)
+
+    torch.manual_seed(5)
+    got = marginal_kl(Model(), torch.cat([mu, log_var], 1), columns=128)
+    torch.manual_seed(5)
+    z = DiagonalGaussian(mu, log_var).sample()
+    terms = []
+    for j in range(n):
+        log_q_j = torch.logsumexp(DiagonalGaussian(mu, log_var).log_prob(z[j].expand(n, d)), 0) - math.log(n)
+        terms.append(log_q_j - Model().prior_log_prob(z[j]))
+    assert got["marginal_kl"] == pytest.approx(float(torch.stack(terms).mean()), rel=1e-12, abs=1e-12)

@@ -294,3 +294,51 @@ def test_a_run_folder_written_by_geco_0_1_0_resumes_with_algorithm_1_as_it_was_t
     a, b = load_checkpoint(straight / CHECKPOINT), load_checkpoint(old / CHECKPOINT)
     for key in ("geco.log_lambdas", "geco.c_ma"):
         assert torch.equal(a["objective"][key], b["objective"][key]), key
+
+
+def test_a_cpu_experiment_keeps_freed_memory_in_the_process(monkeypatch):
+    """build() on a CPU tells glibc to keep freed blocks (the allocator setting measured in
+    docs/BENCHMARKS.md), and on Linux the setting is accepted."""
+    import sys
+
+    import geco_core.training.experiment as experiment
+    from geco_core.training.memory import keep_freed_memory
+
+    calls = []
+    monkeypatch.setattr(experiment, "keep_freed_memory", lambda: calls.append(1) or True)
+    build(config())
+    assert calls == [1]
+    if sys.platform.startswith("linux"):
+        assert keep_freed_memory() is True
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"name": "mlp-vae", "latent_dim": 4, "hidden": [64]},
+        {"name": "conv-vae", "latent_dim": 4, "channels": [8, 16], "hidden": 32},
+        {"name": "vae-nvp", "latent_dim": 4, "channels": [8, 16], "hidden": 32, "flow_layers": 2, "flow_hidden": 16},
+    ],
+    ids=lambda m: m["name"],
+)
+def test_train_compile_traces_every_model_and_trains_as_eager_does(tmp_path, monkeypatch, model):
+    """``train.compile`` runs the model through torch.compile (Dynamo's tracing; the eager backend
+    here, to spare the suite the C++ code generation) and trains: the same steps, the same loss as
+    without it, GECO's update outside the compiled graph."""
+    compile_ = torch.compile
+    calls = []
+
+    def eager_compile(module, **kwargs):
+        calls.append(type(module).__name__)
+        return compile_(module, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    torch._dynamo.reset()
+    runs = {}
+    for flag in (False, True):
+        cfg = config(model=model, train={"steps": 4, "compile": flag, "log_every": 1})
+        runs[flag] = records(train(config=cfg, run_dir=tmp_path / str(flag)))
+    assert len(calls) == 1  # only the compiled run asked for it
+    assert [r["step"] for r in runs[True]] == [r["step"] for r in runs[False]]
+    for a, b in zip(runs[False], runs[True]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)

@@ -21,7 +21,7 @@ __all__ = ["Output", "Posterior", "DiagonalGaussian", "VAE", "standard_normal_lo
 LOG_2PI = math.log(2 * math.pi)
 
 
-@attrs.frozen(eq=False, slots=False)
+@attrs.define(eq=False, slots=False)  # not frozen: torch.compile traces plain attribute sets
 class Output:
     """One forward pass: ``logits`` (B, C, H, W) and ``kl`` (B,) in nats, summed over latents."""
 
@@ -54,7 +54,7 @@ class Posterior(Protocol):
         ...
 
 
-@attrs.frozen(eq=False)
+@attrs.define(eq=False)  # not frozen: torch.compile traces plain attribute sets
 class DiagonalGaussian:
     """``N(mu, diag(exp(log_var)))`` over the last dimension; batch in the first."""
 

@@ -162,7 +162,7 @@ class _Draw(VAE):
         return self._decode(n if r is None else len(r), r)[0]
 
 
-@attrs.frozen(eq=False)
+@attrs.define(eq=False)  # not frozen: torch.compile traces plain attribute sets
 class DrawPosterior:
     """``q(z | x) = prod_t q(z_t | x, z_<t)`` over the T latent maps, flattened to ``(B, T * Z)``.
     ``log_prob`` runs the encoder on ``x`` with the decoder fed the given latents (teacher forcing)."""

@@ -60,7 +60,7 @@ class AffineCoupling(nn.Module):
         return y * self.mask + (1.0 - self.mask) * ((y - t) * (-s).exp()), s.sum(-1)
 
 
-@attrs.frozen(eq=False)
+@attrs.define(eq=False)  # not frozen: torch.compile traces plain attribute sets
 class FlowPosterior:
     """``q(z | x)``: the base Gaussian ``q0`` pushed through the couplings, all conditioned on ``h``."""
 
