@@ -18,9 +18,9 @@ warm-up, synchronisation); a controller decides the rest, per component::
 
 Every controller but ``paper`` also stops a component's lambda from growing while its constraint
 is violated and has not improved its best relative value ``e`` (since it was last satisfied) by
-``tolerance`` (of itself, where it exceeds 1) for ``patience`` updates: the constraint is reported ``unreachable`` (GECO's report,
-the summary, the progress bar) with the best value and the step it was reached, and lambda resumes
-as soon as it improves again.
+``tolerance`` (of itself, where it exceeds 1) for ``patience`` updates: the constraint is reported
+``unreachable`` (GECO's report, the summary, the progress bar) with the best value and the step it
+was reached, and lambda resumes as soon as it improves again.
 
 Controllers register through the ``geco_register_controllers`` hook like constraints do, so a
 third-party package can ship one: subclass :class:`Controller`, set ``name``, implement ``update``.
