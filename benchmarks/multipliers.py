@@ -212,8 +212,9 @@ def frontier_kl(rows: list[dict[str, Any]], reached: float) -> float | None:
 def reachable(cell_rows: list[dict[str, Any]], frontier: list[dict[str, Any]]) -> bool:
     """Whether any run of the cell (any controller or seed) or any fixed lambda of its config ended
     held-out on the satisfied side of the cell's kappa: if none did, kappa is out of reach at this
-    budget and the cell is not held against the targets."""
-    if any(r["heldout_value"] is not None and r["heldout_value"] <= 0 for r in cell_rows):
+    budget and the cell is not held against the targets. Without frontier runs for its config a
+    cell counts as reachable (judged, not excused)."""
+    if not frontier or any(r["heldout_value"] is not None and r["heldout_value"] <= 0 for r in cell_rows):
         return True
     kappa = cell_rows[0]["kappa"]
     known = [r for r in cell_rows if r["heldout"] is not None and r["heldout_value"] and r["heldout"] != kappa]
