@@ -87,6 +87,8 @@ THREAD_CASES = [  # (label, threads, OMP_WAIT_POLICY or None for unset, busy cor
     ("2 threads, default wait, other core busy", 2, None, True),
     ("2 threads, ACTIVE, other core busy", 2, "ACTIVE", True),
     ("2 threads, PASSIVE, other core busy", 2, "PASSIVE", True),
+    ("geco's default: free cores, PASSIVE", "auto", "PASSIVE", False),
+    ("geco's default: free cores, PASSIVE, other core busy", "auto", "PASSIVE", True),
 ]
 
 
@@ -120,7 +122,12 @@ def threads(args) -> None:
 def _thread_worker(n: str, seconds: str) -> None:
     import torch  # before geco_core: the OpenMP wait policy is what the environment says
 
-    torch.set_num_threads(int(n))
+    if n == "auto":  # what build() does when train.threads is not set
+        from geco_core.training.memory import free_cores
+
+        torch.set_num_threads(min(torch.get_num_threads(), free_cores()))
+    else:
+        torch.set_num_threads(int(n))
     step, _ = make_step((3, 32, 32), 64)
     print(timed(step, float(seconds)))
 

@@ -342,3 +342,32 @@ def test_train_compile_traces_every_model_and_trains_as_eager_does(tmp_path, mon
     assert [r["step"] for r in runs[True]] == [r["step"] for r in runs[False]]
     for a, b in zip(runs[False], runs[True]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+
+
+def test_free_cores_counts_the_cores_that_other_runnable_tasks_leave(tmp_path, monkeypatch):
+    """Cores allowed minus the runnable tasks other than the reader (median of the samples), at
+    least 1; every allowed core where the kernel's count cannot be read."""
+    from geco_core.training.memory import free_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("0.50 0.40 0.30 3/412 9999\n")  # this reader and two others
+    assert free_cores(samples=3, interval=0.0, loadavg=str(loadavg)) == 2
+    loadavg.write_text("9.00 9.00 9.00 12/412 9999\n")
+    assert free_cores(samples=1, loadavg=str(loadavg)) == 1  # never fewer than one
+    assert free_cores(samples=1, loadavg=str(tmp_path / "missing")) == 4
+
+
+def test_a_run_without_train_threads_uses_the_free_cores_and_an_explicit_setting_wins(monkeypatch):
+    import geco_core.training.experiment as experiment
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(experiment, "free_cores", lambda: 1)  # another process is busy
+        build(config())
+        assert torch.get_num_threads() == 1
+        build(config(train={"threads": 2}))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

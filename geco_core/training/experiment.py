@@ -21,7 +21,7 @@ from geco_core.models.base import VAE, Output
 from geco_core.plugins import create, registry
 from geco_core.training.config import Config, ConstraintConfig
 from geco_core.training.distributed import Processes
-from geco_core.training.memory import keep_freed_memory
+from geco_core.training.memory import free_cores, keep_freed_memory
 from geco_core.training.objectives import Objective, constraint_batch
 from geco_core.training.run import CHECKPOINT_FORMAT
 
@@ -193,6 +193,8 @@ def build(config: Config, device: str | torch.device | None = None, processes: P
     dev = _device(config.train.device, processes) if device is None else torch.device(device)
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
+    elif dev.type == "cpu" and (free := free_cores()) < torch.get_num_threads():
+        torch.set_num_threads(free)  # threads on busy cores slow every step (BENCHMARKS.md, "Threads on a shared CPU")
     if dev.type == "cpu":
         keep_freed_memory()  # +10-16% images/s at batch >= 64 (docs/BENCHMARKS.md, "Image size and batch")
     torch.manual_seed(config.train.seed)

@@ -1,18 +1,22 @@
-"""Keep freed memory in the process: glibc hands large blocks (over its mmap threshold, 128 kB to
+"""The CPU side of a process: keep freed memory in the process, and count the cores that are free.
+
+Keep freed memory in the process: glibc hands large blocks (over its mmap threshold, 128 kB to
 32 MB) back to the operating system on free and faults them in again on the next allocation. A
-training step frees and reallocates the same large activations every step; with 64x64 images and
-batches of 128 or more that round trip cost about half the throughput (docs/BENCHMARKS.md,
-"Image size and batch"). Raising glibc's mmap and trim thresholds keeps those blocks in the heap.
+training step frees and reallocates the same large activations every step; that round trip cost
+up to a quarter of the throughput (1.30x with the blocks kept at 64x64 px, batch 256;
+docs/BENCHMARKS.md, "Image size and batch"). Raising glibc's mmap and trim thresholds keeps those
+blocks in the heap.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import ctypes.util
 import functools
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "free_cores"]
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 KEEP = 1 << 30  # bytes: blocks up to 1 GiB come from (and go back to) the heap, which is not trimmed
@@ -28,3 +32,25 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP))
     except (OSError, AttributeError):
         return False
+
+
+def free_cores(samples: int = 5, interval: float = 0.02, loadavg: str = "/proc/loadavg") -> int:
+    """The cores this process may use that no other process is running on now: the CPUs it is
+    allowed (``sched_getaffinity``) minus the runnable tasks other than itself (the kernel's count
+    in ``/proc/loadavg``, median of ``samples`` readings ``interval`` s apart); at least 1, and all
+    of them where the count is not available."""
+    import statistics
+    import time
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    counts = []
+    for i in range(samples):
+        try:
+            with open(loadavg, encoding="ascii") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]))
+        except (OSError, IndexError, ValueError):
+            return cores
+        if i + 1 < samples:
+            time.sleep(interval)
+    others = max(0, round(statistics.median(counts)) - 1)  # the reading process is runnable itself
+    return max(1, cores - others)
