@@ -112,7 +112,8 @@ class TrainConfig:
     """Optimisation: Adam (fused) with learning rate ``lr``; ``device`` auto picks CUDA when present.
     ``max_nonfinite_steps`` steps in a row with a non-finite loss or gradient (each skipped) stop
     the run as diverged. ``threads``: CPU threads of torch (default: one per core that no other
-    process is running on when the run starts, at least 1). ``compile``: run the model through ``torch.compile`` (GECO's update stays outside)."""
+    process is running on when the run starts, at least 1). ``compile``: run the model through
+    ``torch.compile`` (GECO's update stays outside)."""
 
     steps: int = attrs.field(default=1000, validator=positive)
     batch_size: int = attrs.field(default=64, validator=positive)

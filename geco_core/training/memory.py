@@ -11,9 +11,9 @@ blocks in the heap.
 from __future__ import annotations
 
 import ctypes
-import os
 import ctypes.util
 import functools
+import os
 import sys
 
 __all__ = ["keep_freed_memory", "free_cores"]
