@@ -84,6 +84,11 @@ class Controller(nn.Module, abc.ABC):
         controller never stops it."""
         return None
 
+    @staticmethod
+    def no_jump(like: Tensor) -> Tensor:
+        """The scalar ``False`` that :meth:`update` returns for a continuous step."""
+        return torch.zeros((), dtype=torch.bool, device=like.device)
+
 
 class Paper(Controller):
     """Algorithm 1 exactly: lambda starts at ``lambda_init`` and ``log lambda += lr * c_ma``."""
@@ -91,7 +96,7 @@ class Paper(Controller):
     name = "paper"
 
     def update(self, log_lambdas: Tensor, c_ma: Tensor, finite: Tensor, geco: GECO) -> tuple[Tensor, Tensor]:
-        return log_lambdas + geco.lr * c_ma, torch.zeros((), dtype=torch.bool, device=c_ma.device)
+        return log_lambdas + geco.lr * c_ma, self.no_jump(c_ma)
 
 
 class Scaled(Controller):
@@ -184,10 +189,6 @@ class Scaled(Controller):
             out[f"{name}/best_c_ma"] = best
             out[f"{name}/best_step"] = float(at)
         return out
-
-    @staticmethod
-    def no_jump(like: Tensor) -> Tensor:
-        return torch.zeros((), dtype=torch.bool, device=like.device)
 
 
 class Restart(Scaled):

@@ -226,9 +226,7 @@ class GECO(nn.Module):
 
     def _all_processes_mean(self, c_hat: Tensor, n: int) -> Tensor:
         """Exact mean over every process's examples: all-reduce of (n * c_hat, n)."""
-        if not (self.sync and dist.is_available() and dist.is_initialized()):
-            return c_hat
-        if dist.get_world_size() == 1:
+        if not (self.sync and dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return c_hat
         total = torch.cat([c_hat * n, c_hat.new_tensor([float(n)])])
         dist.all_reduce(total)

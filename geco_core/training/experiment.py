@@ -115,13 +115,9 @@ class Experiment:
     @functools.cached_property
     def stack(self) -> ConstraintStack | None:
         """The configured constraints (enforced by GECO, or only measured by other objectives)."""
-        return (
-            self.geco.stack
-            if self.geco is not None
-            else ConstraintStack(self.constraints)
-            if self.constraints
-            else None
-        )
+        if self.geco is not None:
+            return self.geco.stack
+        return ConstraintStack(self.constraints) if self.constraints else None
 
     @functools.cached_property
     def heldout(self) -> tuple[str, ImageData]:

@@ -265,9 +265,7 @@ def _make_folder(path: Path, what: str) -> None:
     """``mkdir -p`` with one-line errors naming ``what`` and the path."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ConfigError(f"{what} {path}: a file is in the way of the folder") from None
-    except NotADirectoryError:
+    except (FileExistsError, NotADirectoryError):
         raise ConfigError(f"{what} {path}: a file is in the way of the folder") from None
     except OSError as exc:
         raise ConfigError(f"{what} {path}: cannot create the folder ({exc.strerror})") from None
