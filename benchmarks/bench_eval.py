@@ -26,8 +26,8 @@ from pathlib import Path
 def breakdown(run_dir: str) -> None:
     import torch
 
-    from geco_core.evaluation import average_kl, sigma_opt
-    from geco_core.evaluation.measures import _gaussian_matrix, _subset, marginal_kl, quantised_normal_log_prob
+    from geco_core.evaluation import average_kl, log_aggregate_density, log_density_matrix, sigma_opt
+    from geco_core.evaluation.measures import BLOCK, _gaussian_factors, _subset, quantised_normal_log_prob
     from geco_core.training import Run, build, evaluate_heldout
 
     t = {}
@@ -52,23 +52,34 @@ def breakdown(run_dir: str) -> None:
     average_kl(exp, exp.data, _subset(len(exp.data), 10_000, 1))
     t["average KL, encoder only (10000 train)"] = time.perf_counter() - t0
     x = exp.data.batch(_subset(len(exp.data), 10_000, 2)).x
-    t0 = time.perf_counter()
     with torch.no_grad():
-        marginal_kl(exp.model, x)
-    t["marginal KL (n = 10000)"] = time.perf_counter() - t0
-    with torch.no_grad():  # the same matrix products alone: what the marginal KL cannot do without
+        t0 = time.perf_counter()
         q = exp.model.posterior(x)
         z = q.sample()
+        t["marginal KL: encoder (10000 train)"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for j in range(0, len(x), 1000):
-            _gaussian_matrix(q, z[j : j + 1000])
+        log_aggregate_density(q, len(x), z)
+        t["marginal KL: density matrix and log-mean-exp"] = time.perf_counter() - t0
+        # the matrix products alone, as log_aggregate_density makes them: 64 draws x all examples a tile
+        rows, columns = _gaussian_factors(q, z)
+        rows = torch.cat([rows, rows[: -len(rows) % BLOCK]]).T.contiguous()
+        out = torch.empty(64, rows.shape[1], dtype=torch.float64)
+        t0 = time.perf_counter()
+        for j in range(0, len(x), 64):
+            torch.mm(columns[j : j + 64], rows, out=out[: len(columns[j : j + 64])])
         gemm = time.perf_counter() - t0
+        t0 = time.perf_counter()  # and as the previous release made them: one product per 1000 draws
+        for j in range(0, len(x), 1000):
+            log_density_matrix(q, len(x), z[j : j + 1000])
+        gemm_1000 = time.perf_counter() - t0
     total = sum(t.values())
     print(f"geco eval of {run_dir}, {torch.get_num_threads()} thread(s)")
     for k, v in t.items():
         print(f"  {k:52s} {v:7.2f} s")
     print(f"  {'total':52s} {total:7.2f} s")
-    print(f"  marginal KL / its matrix products alone ({gemm:.2f} s): {t['marginal KL (n = 10000)'] / gemm:.2f}")
+    matrix = t["marginal KL: density matrix and log-mean-exp"]
+    print(f"  marginal KL's matrix and log-mean-exp / its matrix products alone ({gemm:.3f} s): {matrix / gemm:.2f}")
+    print(f"  ... / the same matrix as one product per 1000 draws ({gemm_1000:.3f} s): {matrix / gemm_1000:.2f}")
 
 
 def against(run_dir: str, old: str) -> None:

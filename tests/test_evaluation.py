@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from test_data import needs_mnist
 from test_training import TINY, config
 
-from geco_core.evaluation import log_density_matrix, marginal_kl, quantised_normal_log_prob
+from geco_core.evaluation import log_aggregate_density, log_density_matrix, marginal_kl, quantised_normal_log_prob
 from geco_core.models.base import DiagonalGaussian
 from geco_core.models.convdraw import ConvDraw
 from geco_core.models.nvp import VAENVP
@@ -347,6 +347,54 @@ def test_the_gaussian_density_matrix_from_one_product_equals_the_expanded_formul
     expected = -0.5 * (quad + const)
     got = log_density_matrix(DiagonalGaussian(mu, log_var), n, z)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def _naive_log_aggregate(q: DiagonalGaussian, z: torch.Tensor) -> torch.Tensor:
+    """Independent reference: for each z_j, a float64 logsumexp of log q(z_j | x_i) over all i."""
+    q64, n = DiagonalGaussian(q.mu.double(), q.log_var.double()), len(z)
+    return torch.stack([torch.logsumexp(q64.log_prob(z[j].double().expand(n, -1)), 0) for j in range(n)]) - math.log(n)
+
+
+@given(
+    seed=st.integers(0, 10**6),
+    n=st.integers(2, 300),
+    d=st.integers(1, 6),
+    tile=st.integers(1, 80),
+    narrow=st.floats(1e-4, 1.0),
+    wide_share=st.floats(0.0, 1.0),
+)
+@example(seed=0, n=2, d=2, tile=1, narrow=1e-4, wide_share=0.0)  # the product form's round-off: 5e-11
+@settings(max_examples=30, deadline=None)
+def test_the_screened_aggregate_density_equals_a_naive_loop_to_round_off(seed, n, d, tile, narrow, wide_share):
+    """Whatever the mix of narrow posteriors (most blocks screened out) and wide ones (tiles reduced
+    whole), any n (blocks padded) and any tile: log q_n(z_j) and log q(z_j | x_j) as a naive loop,
+    to the float64 round-off of the product form."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(n, d, generator=g, dtype=torch.float64) * 3
+    wide = torch.rand(n, 1, generator=g, dtype=torch.float64) < wide_share
+    log_var = torch.where(wide, 0.0, math.log(narrow)) + torch.randn(n, d, generator=g, dtype=torch.float64) * 0.3
+    q = DiagonalGaussian(mu, log_var)
+    z = mu + (0.5 * log_var).exp() * torch.randn(n, d, generator=g, dtype=torch.float64)
+    log_q, own = log_aggregate_density(q, n, z, tile)
+    # the product form [z^2 | z | 1] . [-p/2 | mu p | c] cancels terms of size (|z| + |mu|)^2 p: its
+    # float64 round-off is at most (2d + 1) eps times their sum
+    terms = float((mu.abs().amax() + z.abs().amax()) ** 2 * (-log_var).exp().amax() * d)
+    atol = (2 * d + 1) * 2.2e-16 * terms + 1e-12
+    torch.testing.assert_close(log_q, _naive_log_aggregate(q, z), rtol=1e-12, atol=atol)
+    torch.testing.assert_close(own, q.log_prob(z), rtol=1e-12, atol=atol)
+
+
+def test_the_aggregate_density_of_a_flow_posterior_equals_a_loop_over_its_pairs():
+    torch.manual_seed(4)
+    model = VAENVP((1, 12, 12), latent_dim=4, channels=(8,), hidden=16, flow_layers=2, flow_hidden=16).eval()
+    x = torch.rand(70, 1, 12, 12)
+    with torch.no_grad():
+        q = model.posterior(x)
+        z = q.sample()
+        log_q, own = log_aggregate_density(q, 70, z, tile=16)
+        loop = torch.stack([q.take(torch.tensor([i] * 70)).log_prob(z) for i in range(70)]).double()  # (i, j)
+    torch.testing.assert_close(log_q, torch.logsumexp(loop, 0) - math.log(70))
+    torch.testing.assert_close(own, loop.diagonal())
 
 
 @pytest.mark.parametrize("spread", [0.05, 3.0], ids=["narrow posteriors", "wide posteriors"])

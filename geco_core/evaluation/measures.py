@@ -50,6 +50,7 @@ __all__ = [
     "nll_per_pixel",
     "average_kl",
     "log_density_matrix",
+    "log_aggregate_density",
     "marginal_kl",
     "evaluate_run",
     "format_report",
@@ -118,23 +119,24 @@ def average_kl(exp: Experiment, data, index: Tensor, batch_size: int = 500) -> f
     return total / len(index)
 
 
-def _gaussian_matrix(q: DiagonalGaussian, z: Tensor) -> Tensor:
-    """``log q(z_j | x_i)`` for diagonal Gaussians, float64, ``(n, m)``, as one matrix product::
+def _gaussian_factors(q: DiagonalGaussian, z: Tensor) -> tuple[Tensor, Tensor]:
+    """``rows (n, 2D + 1)`` and ``columns (m, 2D + 1)``, float64, whose products are the densities::
 
-    [-1/2 p_i | mu_i p_i | c_i] . [z_j^2 | z_j | 1]^T,   p = 1 / sigma^2 (per dimension),
+    log q(z_j | x_i) = [-1/2 p_i | mu_i p_i | c_i] . [z_j^2 | z_j | 1],   p = 1 / sigma^2 (per dimension),
     c_i = -1/2 (sum_d mu_id^2 p_id + log sigma_id^2 + log 2 pi)"""
     mu, log_var, z = q.mu.double(), q.log_var.double(), z.double()
     precision = torch.exp(-log_var)
     const = -0.5 * ((mu.square() * precision + log_var).sum(1, keepdim=True) + mu.shape[1] * math.log(2 * math.pi))
     rows = torch.cat([-0.5 * precision, mu * precision, const], dim=1)
-    columns = torch.cat([z.square(), z, torch.ones_like(z[:, :1])], dim=1)
-    return (columns @ rows.T).T  # computed as (m, n): each z_j's densities contiguous, for the reduction
+    return rows, torch.cat([z.square(), z, torch.ones_like(z[:, :1])], dim=1)
 
 
 def log_density_matrix(posterior: Posterior, n: int, z: Tensor) -> Tensor:
-    """``log q(z_j | x_i)`` for the n examples of ``posterior`` and every row of ``z``: ``(n, m)``, nats."""
+    """``log q(z_j | x_i)`` for the n examples of ``posterior`` and every row of ``z``: ``(n, m)``, nats,
+    float64 (one matrix product for diagonal Gaussians, pairs of examples otherwise)."""
     if isinstance(posterior, DiagonalGaussian):
-        return _gaussian_matrix(posterior, z)
+        rows, columns = _gaussian_factors(posterior, z)
+        return rows @ columns.T
     m = len(z)
     rows = max(1, PAIRS_PER_BLOCK // m)
     out = []
@@ -145,14 +147,70 @@ def log_density_matrix(posterior: Posterior, n: int, z: Tensor) -> Tensor:
     return torch.cat(out)
 
 
+#: terms more than this many nats below their row's largest are dropped from a log-mean-exp: each
+#: is under e^-60 = 9e-27 of the sum, so even 10^6 of them stay below float64's round-off (1.1e-16)
+NEGLIGIBLE_NATS = 60.0
+#: examples per block of the screen (see :func:`log_aggregate_density`)
+BLOCK = 64
+
+
+def log_aggregate_density(posterior: Posterior, n: int, z: Tensor, tile: int = 64) -> tuple[Tensor, Tensor]:
+    """``log q_n(z_j) = log (1/n) sum_i q(z_j | x_i)`` and ``log q(z_j | x_j)`` for one draw ``z_j`` per
+    example (row j drawn from ``q(z | x_j)``): two ``(n,)`` float64 tensors, nats.
+
+    The ``n x n`` matrix ``log q(z_j | x_i)`` is made ``tile`` draws at a time (one matrix product
+    per tile for diagonal Gaussians, small enough to stay in the cache) and never kept whole. The
+    exponentials are the costly part (float64, far dearer than the products), and with narrow
+    posteriors almost every term is negligible: a tile's examples are screened in blocks of
+    :data:`BLOCK` by their largest entry, and only the blocks holding a term within
+    :data:`NEGLIGIBLE_NATS` of ``log q(z_j | x_j)`` (a lower bound on the row's largest) are kept
+    and exponentiated, which changes nothing at float64 precision (tested). Where most blocks count
+    (wide posteriors), the tile is reduced whole."""
+    blocks = -(-n // BLOCK)
+    pad = blocks * BLOCK - n  # examples of density 0 (log -inf) make the blocks whole
+    out = torch.full((n,), -math.inf, dtype=torch.float64, device=z.device)
+    kept, kept_rows = [], []
+    if isinstance(posterior, DiagonalGaussian):
+        rows, columns = _gaussian_factors(posterior, z)
+        own = (rows * columns).sum(1)
+        padding = torch.zeros(pad, rows.shape[1], dtype=rows.dtype, device=rows.device)
+        padding[:, -1] = -math.inf
+        rows = torch.cat([rows, padding]).T.contiguous()
+        buffer = torch.empty(tile, blocks * BLOCK, dtype=torch.float64, device=z.device)
+    else:
+        own = posterior.log_prob(z).double()
+    threshold = own - NEGLIGIBLE_NATS
+    for j0 in range(0, n, tile):
+        t = min(tile, n - j0)
+        if isinstance(posterior, DiagonalGaussian):
+            matrix = torch.mm(columns[j0 : j0 + t], rows, out=buffer[:t])
+        else:
+            matrix = log_density_matrix(posterior, n, z[j0 : j0 + t]).T
+            matrix = torch.nn.functional.pad(matrix, (0, pad), value=-math.inf)
+        by_block = matrix.view(t * blocks, BLOCK)
+        hit = (by_block.amax(1).view(t, blocks) > threshold[j0 : j0 + t, None]).view(-1).nonzero().squeeze(1)
+        if len(hit) * 4 > t * blocks:  # wide posteriors: most terms count
+            out[j0 : j0 + t] = torch.logsumexp(matrix, 1)
+        else:
+            kept.append(by_block[hit])
+            kept_rows.append(hit.div(blocks, rounding_mode="floor") + j0)
+    if kept:
+        values, j = torch.cat(kept), torch.cat(kept_rows)
+        top = torch.full_like(out, -math.inf).scatter_reduce_(0, j, values.amax(1), "amax")
+        total = torch.zeros_like(out).index_add_(0, j, (values - top[j, None]).exp_().sum(1))
+        sparse = top > -math.inf  # the rows of the screened tiles
+        out[sparse] = total[sparse].log() + top[sparse]
+    return out.sub_(math.log(n)), own
+
+
 def marginal_kl(
-    model: VAE, x: Tensor, context: Tensor | None = None, samples_per_example: int = 1, columns: int = 1000
+    model: VAE, x: Tensor, context: Tensor | None = None, samples_per_example: int = 1, columns: int = 64
 ) -> dict[str, float]:
     """``KL[q_n(z) || p(z)]`` for the aggregate posterior of the n examples ``x`` (module docstring).
 
     Returns ``marginal_kl`` and its Monte Carlo standard error, the average KL estimated from the
     same draws (``average_kl_mc``), their difference ``mutual_information`` (the n-sample I(x; z),
-    at most ``log n``) and the sample sizes. Nats."""
+    at most ``log n``) and the sample sizes. Nats. ``columns``: draws per tile of the matrix."""
     n = len(x)
     with torch.no_grad():
         posterior = model.posterior(x, context)
@@ -160,13 +218,9 @@ def marginal_kl(
         for _ in range(samples_per_example):
             z = posterior.sample()
             log_p = model.prior_log_prob(z, context).double()
-            for j0 in range(0, n, columns):
-                cols = slice(j0, min(n, j0 + columns))
-                by_z = log_density_matrix(posterior, n, z[cols]).T  # (block, n): log q(z_j | x_i)
-                diag = by_z[torch.arange(cols.stop - cols.start), torch.arange(cols.start, cols.stop)]
-                log_q = _log_mean_exp_rows(by_z if by_z.is_contiguous() else by_z.contiguous())
-                terms.append(log_q - log_p[cols])
-                own.append(diag - log_p[cols])
+            log_q, log_q_own = log_aggregate_density(posterior, n, z, columns)
+            terms.append(log_q - log_p)
+            own.append(log_q_own - log_p)
     t, o = torch.cat(terms), torch.cat(own)
     m = len(t)
     return {
@@ -178,27 +232,6 @@ def marginal_kl(
         "examples": n,
         "samples": m,
     }
-
-
-#: terms more than this many nats below their row's largest are dropped from a log-mean-exp: each
-#: is under e^-60 = 9e-27 of the sum, so even 10^6 of them stay below float64's round-off (1.1e-16)
-NEGLIGIBLE_NATS = 60.0
-
-
-def _log_mean_exp_rows(m: Tensor) -> Tensor:
-    """``log (1/n) sum_i exp m[j, i]`` for each row j, stable; overwrites ``m``. exp is the costly
-    part (float64, ~20 ns a term on one core, 5x its matrix product), and with narrow posteriors
-    almost every term is negligible: only terms within :data:`NEGLIGIBLE_NATS` of their row's
-    largest are exponentiated, which changes nothing at float64 precision (tested)."""
-    top = m.amax(1, keepdim=True)
-    keep = m > top - NEGLIGIBLE_NATS
-    if keep.sum() * 4 > keep.numel():  # wide posteriors: most terms count, exponentiate them all
-        total = m.sub_(top).exp_().sum(1)
-    else:
-        rows, cols = keep.nonzero(as_tuple=True)
-        terms = (m[rows, cols] - top[rows, 0]).exp()
-        total = torch.zeros(m.shape[0], dtype=m.dtype, device=m.device).index_add_(0, rows, terms)
-    return total.log_().add_(top.squeeze(1)).sub_(math.log(m.shape[1]))
 
 
 def _subset(size: int, n: int, seed: int) -> Tensor:
