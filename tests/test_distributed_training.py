@@ -36,8 +36,8 @@ def geco(*args, processes: int = 1) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "geco_core.cli"]
     if processes > 1:
         launcher = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-            "--master_port", str(29500 + os.getpid() % 1000), "-m", "geco_core.cli",
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+            "-m", "geco_core.cli",
         ]  # fmt: skip
     out = subprocess.run([*launcher, *map(str, args)], capture_output=True, text=True, env=env(), timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -105,8 +105,8 @@ def test_a_distributed_run_resumes_exactly_and_at_another_world_size(tmp_path, c
 
 
 def test_a_global_batch_that_does_not_divide_is_refused_with_one_line(tmp_path, config):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(29600 + os.getpid() % 1000), "-m", "geco_core.cli"]  # fmt: skip
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "geco_core.cli"]  # fmt: skip
     args = ["train", str(config), "--run-dir", str(tmp_path / "run"), "--set", "train.batch_size=33"]
     out = subprocess.run([*launcher, *args], capture_output=True, text=True, env=env(), timeout=600)
     assert out.returncode != 0
