@@ -20,6 +20,7 @@ Under ``torchrun --nproc_per_node=N geco train ...`` every process runs the same
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from typing import Any
 
@@ -119,4 +120,5 @@ def join(device: str) -> Processes:
 def leave() -> None:
     """Leave the process group (at the end of ``geco train`` / ``resume``)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # DDP wrappers left in reference cycles let go of the group while it is alive
         dist.destroy_process_group()

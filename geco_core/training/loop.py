@@ -240,14 +240,25 @@ def train(
         config = load_config(config_path, overrides)
     processes = join(config.train.device)
     try:
-        exp = build(config, processes=processes)  # fails on bad data or options before anything is written
-        name = Path(config_path).stem if config_path else "run"
-        run = Run.create(config, run_dir, name=name) if processes.main else None
-        run = Run(processes.broadcast(run.path if run else None), config) if processes.distributed else run
-        with run.lock() if processes.main else contextlib.nullcontext():
-            _fit(exp, run, 0, callbacks, extra_callbacks)
+        return _train(config, config_path, run_dir, processes, callbacks, extra_callbacks)
     finally:
-        leave()
+        leave()  # after the experiment (and its DDP wrapper) is gone
+
+
+def _train(
+    config: Config,
+    config_path: str | Path | None,
+    run_dir: str | Path | None,
+    processes: Processes,
+    callbacks: Sequence[Callback] | None,
+    extra_callbacks: Sequence[Callback],
+) -> Path:
+    exp = build(config, processes=processes)  # fails on bad data or options before anything is written
+    name = Path(config_path).stem if config_path else "run"
+    run = Run.create(config, run_dir, name=name) if processes.main else None
+    run = Run(processes.broadcast(run.path if run else None), config) if processes.distributed else run
+    with run.lock() if processes.main else contextlib.nullcontext():
+        _fit(exp, run, 0, callbacks, extra_callbacks)
     return run.path
 
 
@@ -263,20 +274,30 @@ def resume(
     run = Run.open(run_dir)
     processes = join(run.config.train.device)
     try:
-        with run.lock() if processes.main else contextlib.nullcontext():
-            state = run.load_checkpoint() if run.has_checkpoint() else None
-            done = 0 if state is None else int(state["step"])
-            config = run.config
-            if steps is not None:
-                if steps < done:
-                    raise ConfigError(f"--steps {steps} is before the checkpoint's step {done}")
-                config = attrs.evolve(config, train=attrs.evolve(config.train, steps=steps))
-            exp = build(config, processes=processes)
-            start = exp.load_state_dict(state) if state is not None else 0
-            if steps is not None and processes.main:
-                run.save_config(config)
-            processes.barrier()
-            _fit(exp, run, start, callbacks, extra_callbacks)
+        _resume(run, steps, processes, callbacks, extra_callbacks)
     finally:
-        leave()
+        leave()  # after the experiment (and its DDP wrapper) is gone
     return run.path
+
+
+def _resume(
+    run: Run,
+    steps: int | None,
+    processes: Processes,
+    callbacks: Sequence[Callback] | None,
+    extra_callbacks: Sequence[Callback],
+) -> None:
+    with run.lock() if processes.main else contextlib.nullcontext():
+        state = run.load_checkpoint() if run.has_checkpoint() else None
+        done = 0 if state is None else int(state["step"])
+        config = run.config
+        if steps is not None:
+            if steps < done:
+                raise ConfigError(f"--steps {steps} is before the checkpoint's step {done}")
+            config = attrs.evolve(config, train=attrs.evolve(config.train, steps=steps))
+        exp = build(config, processes=processes)
+        start = exp.load_state_dict(state) if state is not None else 0
+        if steps is not None and processes.main:
+            run.save_config(config)
+        processes.barrier()
+        _fit(exp, run, start, callbacks, extra_callbacks)
