@@ -155,15 +155,26 @@ def test_the_gaussian_matrix_equals_a_loop_over_pairs_in_float64():
     torch.testing.assert_close(log_density_matrix(q, 7, z), expected, rtol=1e-10, atol=1e-10)
 
 
-def test_the_flow_matrix_by_pairs_equals_a_loop_and_reduces_to_the_gaussian_at_identity():
-    torch.manual_seed(2)
+def _flow_posterior(n: int, seed: int):
+    """The posterior of a small VAE+NVP (couplings at the identity) for n random images."""
+    torch.manual_seed(seed)
     model = VAENVP((1, 12, 12), latent_dim=4, channels=(8,), hidden=16, flow_layers=2, flow_hidden=16).eval()
-    x = torch.rand(9, 1, 12, 12)
+    x = torch.rand(n, 1, 12, 12)
     with torch.no_grad():
-        q = model.posterior(x)
+        return model.posterior(x)
+
+
+def _loop_over_pairs(q, n: int, z: torch.Tensor) -> torch.Tensor:
+    """Independent reference: ``log q(z_j | x_i)`` one example i at a time, float64, ``(n, m)``."""
+    return torch.stack([q.take(torch.tensor([i] * len(z))).log_prob(z) for i in range(n)]).double()
+
+
+def test_the_flow_matrix_by_pairs_equals_a_loop_and_reduces_to_the_gaussian_at_identity():
+    q = _flow_posterior(9, seed=2)
+    with torch.no_grad():
         z = q.sample()[:5]
         matrix = log_density_matrix(q, 9, z)
-        loop = torch.stack([q.take(torch.tensor([i] * 5)).log_prob(z) for i in range(9)]).double()
+        loop = _loop_over_pairs(q, 9, z)
         torch.testing.assert_close(matrix, loop)
         # the couplings start as the identity: the flow's matrix is its base Gaussian's
         torch.testing.assert_close(matrix, log_density_matrix(q.base, 9, z), rtol=1e-5, atol=1e-4)
@@ -385,14 +396,11 @@ def test_the_screened_aggregate_density_equals_a_naive_loop_to_round_off(seed, n
 
 
 def test_the_aggregate_density_of_a_flow_posterior_equals_a_loop_over_its_pairs():
-    torch.manual_seed(4)
-    model = VAENVP((1, 12, 12), latent_dim=4, channels=(8,), hidden=16, flow_layers=2, flow_hidden=16).eval()
-    x = torch.rand(70, 1, 12, 12)
+    q = _flow_posterior(70, seed=4)
     with torch.no_grad():
-        q = model.posterior(x)
         z = q.sample()
         log_q, own = log_aggregate_density(q, 70, z, tile=16)
-        loop = torch.stack([q.take(torch.tensor([i] * 70)).log_prob(z) for i in range(70)]).double()  # (i, j)
+        loop = _loop_over_pairs(q, 70, z)  # (i, j)
     torch.testing.assert_close(log_q, torch.logsumexp(loop, 0) - math.log(70))
     torch.testing.assert_close(own, loop.diagonal())
 

@@ -168,8 +168,6 @@ def log_aggregate_density(posterior: Posterior, n: int, z: Tensor, tile: int = 6
     (wide posteriors), the tile is reduced whole."""
     blocks = -(-n // BLOCK)
     pad = blocks * BLOCK - n  # examples of density 0 (log -inf) make the blocks whole
-    out = torch.full((n,), -math.inf, dtype=torch.float64, device=z.device)
-    kept, kept_rows = [], []
     if isinstance(posterior, DiagonalGaussian):
         rows, columns = _gaussian_factors(posterior, z)
         own = (rows * columns).sum(1)
@@ -177,16 +175,22 @@ def log_aggregate_density(posterior: Posterior, n: int, z: Tensor, tile: int = 6
         padding[:, -1] = -math.inf
         rows = torch.cat([rows, padding]).T.contiguous()
         buffer = torch.empty(tile, blocks * BLOCK, dtype=torch.float64, device=z.device)
+
+        def tile_of(j0: int, t: int) -> Tensor:
+            return torch.mm(columns[j0 : j0 + t], rows, out=buffer[:t])
     else:
         own = posterior.log_prob(z).double()
+
+        def tile_of(j0: int, t: int) -> Tensor:
+            matrix = log_density_matrix(posterior, n, z[j0 : j0 + t]).T
+            return torch.nn.functional.pad(matrix, (0, pad), value=-math.inf)
+
     threshold = own - NEGLIGIBLE_NATS
+    out = torch.full((n,), -math.inf, dtype=torch.float64, device=z.device)
+    kept, kept_rows = [], []
     for j0 in range(0, n, tile):
         t = min(tile, n - j0)
-        if isinstance(posterior, DiagonalGaussian):
-            matrix = torch.mm(columns[j0 : j0 + t], rows, out=buffer[:t])
-        else:
-            matrix = log_density_matrix(posterior, n, z[j0 : j0 + t]).T
-            matrix = torch.nn.functional.pad(matrix, (0, pad), value=-math.inf)
+        matrix = tile_of(j0, t)
         by_block = matrix.view(t * blocks, BLOCK)
         hit = (by_block.amax(1).view(t, blocks) > threshold[j0 : j0 + t, None]).view(-1).nonzero().squeeze(1)
         if len(hit) * 4 > t * blocks:  # wide posteriors: most terms count

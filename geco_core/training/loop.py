@@ -213,8 +213,8 @@ def _fit(
     chosen += list(extra) if main else []
     trainer = Trainer(exp, run, chosen)
     trainer.fit(start)
-    # every process leaves the process group together: one that destroys its end while process 0
-    # still writes the summary can be aborted by gloo at exit (seen once in CI)
+    # every process leaves the process group together: one that destroyed its end while process 0
+    # still wrote the summary was aborted by gloo at exit (seen in CI; README, "More than one process")
     exp.processes.barrier()
     if trainer.status == "diverged":
         raise RunDiverged(trainer.reason, run.path)
