@@ -16,3 +16,5 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 os.environ["GECO_PLUGINS"] = ",".join(
     dict.fromkeys(filter(None, [*os.environ.get("GECO_PLUGINS", "").split(","), "geco_core.testing"]))
 )
+
+pytest_plugins = ["pytester"]  # the contract kit's own tests run a kit subclass in a scratch pytest

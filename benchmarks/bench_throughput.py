@@ -123,7 +123,7 @@ def _thread_worker(n: str, seconds: str) -> None:
     import torch  # before geco_core: the OpenMP wait policy is what the environment says
 
     if n == "auto":  # what build() does when train.threads is not set
-        from geco_core.training.memory import free_cores
+        from geco_core.training.machine import free_cores
 
         torch.set_num_threads(min(torch.get_num_threads(), free_cores()))
     else:
@@ -153,7 +153,7 @@ def scaling(args) -> None:
 def _scaling_worker(size: str, batch: str, keep: str, seconds: str) -> None:
     import torch
 
-    from geco_core.training.memory import keep_freed_memory
+    from geco_core.training.machine import keep_freed_memory
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     if keep == "1":

@@ -18,8 +18,6 @@ import os
 # this when torch loads it, so it is set before anything imports torch; a value already set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from importlib.metadata import PackageNotFoundError, version
-
 from geco_core.constraint import (
     Batch,
     Constraint,
@@ -30,15 +28,18 @@ from geco_core.constraint import (
     freeze,
 )
 from geco_core.controllers import Controller
-from geco_core.errors import CheckpointError, ConfigError, DataError, GecoError, NonFiniteConstraintError
+from geco_core.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    GecoError,
+    NonFiniteConstraintError,
+    RunFolderError,
+)
 from geco_core.geco import GECO
 from geco_core.hookspecs import hookimpl
+from geco_core.plugins import CORE_VERSION as __version__
 from geco_core.plugins import create, create_constraint, registry
-
-try:
-    __version__ = version("geco-core")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "GECO",
@@ -58,6 +59,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "CheckpointError",
+    "RunFolderError",
     "NonFiniteConstraintError",
     "__version__",
 ]

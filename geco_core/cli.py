@@ -16,7 +16,7 @@ from geco_core.plugins import HOOKS, registry
 __all__ = ["main"]
 
 #: what the ``train`` extra installs, by import name (the commands that train, evaluate or plot need it)
-TRAIN_EXTRA = ("tqdm", "matplotlib", "tensorboard", "tomli_w", "safetensors", "numpy")
+TRAIN_EXTRA = ("filelock", "tqdm", "matplotlib", "tensorboard", "tomli_w", "safetensors", "numpy")
 EXIT_DIVERGED = 3
 
 

@@ -17,13 +17,15 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Sequence
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 
 import attrs
 import torch
 from torch import Tensor, nn
 
 from geco_core.errors import ConfigError
+
+T = TypeVar("T")
 
 __all__ = [
     "Batch",
@@ -178,6 +180,12 @@ class ConstraintStack:
         self.dims = [int(c.dim) for c in constraints]
         self.names = unique_names([c.name for c in constraints])
         self.component_names = unique_names([n for c in constraints for n in c.component_names])
+        #: the (unique) name of the constraint each component belongs to
+        self.component_constraints = self.per_component(self.names)
+
+    def per_component(self, per_constraint: Sequence[T]) -> list[T]:
+        """One entry per constraint repeated for each of its components: a list of length L."""
+        return [v for v, dim in zip(per_constraint, self.dims) for _ in range(dim)]
 
     def __len__(self) -> int:
         return len(self.constraints)
@@ -207,6 +215,15 @@ class ConstraintStack:
         if tensor.shape[-1] != self.num_components:
             raise ValueError(f"split needs a last dimension of {self.num_components}, got {tuple(tensor.shape)}")
         return dict(zip(self.names, tensor.split(self.dims, dim=-1)))
+
+    def reached(self, values: Tensor) -> Tensor:
+        """Values ``(..., L)`` mapped back to each constraint's kappa units (``reached``); NaN for
+        the components of a constraint that has none."""
+        parts = []
+        for c, part in zip(self.constraints, self.split(values).values()):
+            mapped = c.reached(part)
+            parts.append(torch.full_like(part, math.nan) if mapped is None else mapped.to(part.dtype))
+        return torch.cat(parts, dim=-1)
 
 
 def unique_names(names: Sequence[str]) -> list[str]:

@@ -1,7 +1,10 @@
-"""Multiplier controllers: how GECO's lambda starts, moves and weighs the loss.
+"""Multiplier controllers: how GECO's lambda starts and moves, and how it weighs the loss.
 
-:class:`GECO` owns Algorithm 1's bookkeeping (``c_hat``, the moving average ``c_ma``, bounds,
-warm-up, synchronisation); a controller decides the rest, per component::
+Three pieces, as in Cooper: GECO holds the multipliers (``log lambda``) and Algorithm 1's
+bookkeeping (``c_hat``, the moving average ``c_ma``, bounds, warm-up, synchronisation); a
+:class:`Formulation` says how lambda weighs the constraint in the loss; a :class:`Controller` is the
+rule that moves lambda. A controller sees only :class:`Signals` (the moving averages, the step, the
+constraints' declared scales) and its own options, never GECO itself. Per component::
 
     paper       log lambda^0 = log lambda_init
                 log lambda^t = log lambda^(t-1) + lr * c_ma^t                     (Algorithm 1)
@@ -13,13 +16,12 @@ warm-up, synchronisation); a controller decides the rest, per component::
                 optimiser's state is cleared
     nupi        log lambda^t = log lambda^0 + step * lr * (ki * sum_s e^s + kp * xi^t),
                 xi^t = nu * xi^(t-1) + (1 - nu) * e^t              (nuPI, Sohrabi et al. 2024)
-    normalised  scaled, with the loss divided by 1 + sum_i lambda_i / s_i, so its gradient keeps
-                the scale of the KL whatever lambda is
+    normalised  scaled, with the loss formulation :class:`NormalisedLagrangian`
 
 Every controller but ``paper`` also stops a component's lambda from growing while its constraint
 is violated and has not improved its best relative value ``e`` (since it was last satisfied) by
 ``tolerance`` (of itself, where it exceeds 1) for ``patience`` updates: the constraint is reported
-``unreachable`` (GECO's report, the summary, the progress bar) with the best value and the step it
+``unreachable`` (GECO's state, the summary, the progress bar) with the best value and the step it
 was reached, and lambda resumes as soon as it improves again.
 
 Controllers register through the ``geco_register_controllers`` hook like constraints do, so a
@@ -31,58 +33,129 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import ClassVar
 
+import attrs
 import torch
 from torch import Tensor, nn
 
 from geco_core.errors import ConfigError
 from geco_core.hookspecs import hookimpl
 
-if TYPE_CHECKING:
-    from geco_core.geco import GECO
-
-__all__ = ["Controller", "Paper", "Scaled", "Restart", "NuPI", "Normalised", "build_controller", "DEFAULT"]
+__all__ = [
+    "Signals",
+    "Progress",
+    "Formulation",
+    "Lagrangian",
+    "NormalisedLagrangian",
+    "Controller",
+    "Paper",
+    "Scaled",
+    "Restart",
+    "NuPI",
+    "Normalised",
+    "DEFAULT",
+]
 
 #: the controller GECO uses unless told otherwise: the winner of benchmarks/multipliers.py
 DEFAULT = "restart"
 
 
+@attrs.frozen(eq=False)
+class Signals:
+    """What a controller sees at an update, per component ``(L,)`` unless scalar.
+
+    c_ma:             the new moving average of the constraint
+    step:             updates applied before this one (long scalar)
+    finite:           whether this update's ``c_hat`` was finite (bool scalar); GECO keeps its
+                      buffers where it was not, and a controller keeps its own
+    lr:               the step size on ``log lambda`` (GECO's ``lr``)
+    multiplier_scale: the constraints' natural lambda (``ConstraintLike.multiplier_scale``)
+    value_scale:      the size of a meaningful change of a value (``ConstraintLike.value_scale``)
+    """
+
+    c_ma: Tensor
+    step: Tensor
+    finite: Tensor
+    lr: Tensor
+    multiplier_scale: Tensor
+    value_scale: Tensor
+
+
+@attrs.frozen(eq=False)
+class Progress:
+    """What a controller says of each component ``(L,)`` beside lambda, for GECO's state.
+
+    unreachable: bool, lambda held because the violated constraint stopped improving
+    best:        the best ``c_ma`` (value units) since the component was last satisfied; NaN: none
+    best_step:   the update at which ``best`` was reached; -1: none
+    extra:       anything else, by name (``restart``: ``restarted``)
+    """
+
+    unreachable: Tensor | None = None
+    best: Tensor | None = None
+    best_step: Tensor | None = None
+    extra: Mapping[str, Tensor] = attrs.field(factory=dict)
+
+
+class Formulation(abc.ABC):
+    """How lambda weighs the constraint in the loss."""
+
+    name: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def __call__(self, kl: Tensor, lambdas: Tensor, c: Tensor, multiplier_scale: Tensor) -> Tensor:
+        """The loss from the mean KL, lambda ``(L,)``, the constraint ``c`` ``(L,)`` and the
+        natural multiplier scales ``(L,)``."""
+
+
+class Lagrangian(Formulation):
+    """Algorithm 1's loss: ``KL + lambda . C``."""
+
+    name = "lagrangian"
+
+    def __call__(self, kl: Tensor, lambdas: Tensor, c: Tensor, multiplier_scale: Tensor) -> Tensor:
+        return kl + (lambdas * c).sum()
+
+
+class NormalisedLagrangian(Formulation):
+    """``(KL + lambda . C) / (1 + sum_i lambda_i / s_i)``: the gradient keeps the scale of the KL
+    (small lambda) or of ``s . C`` (large lambda), so Adam's moment estimates stay valid while
+    lambda moves by orders of magnitude."""
+
+    name = "normalised"
+
+    def __call__(self, kl: Tensor, lambdas: Tensor, c: Tensor, multiplier_scale: Tensor) -> Tensor:
+        norm = 1 + (lambdas / multiplier_scale.to(lambdas.dtype)).sum()
+        return (kl + (lambdas * c).sum()) / norm
+
+
 class Controller(nn.Module, abc.ABC):
-    """How lambda starts, moves and enters the loss. Subclasses set ``name``; ``discontinuous``
-    if ``update`` can jump (GECO then asks the optimiser to follow, :meth:`GECO.follow`); and list
-    in ``component_buffers`` every buffer with one entry per component (its state is then matched
-    by component name when loaded)."""
+    """The rule that moves lambda. Subclasses set ``name``; ``discontinuous`` if ``update`` can
+    jump (GECO then asks the optimiser to follow, :meth:`GECO.follow`); ``formulation``, the loss
+    it pairs with; and list in ``component_buffers`` every buffer with one entry per component
+    (its state is then matched by component name when loaded)."""
 
     name: ClassVar[str] = ""
     discontinuous: ClassVar[bool] = False
     component_buffers: ClassVar[tuple[str, ...]] = ()
+    formulation: ClassVar[Formulation] = Lagrangian()
 
-    def setup(self, geco: GECO) -> None:
-        """Called once by GECO after its own buffers exist: size per-component state here."""
-
-    def initial_log_lambdas(self, lambda_init: Tensor, geco: GECO) -> Tensor:
+    def initial_log_lambdas(self, lambda_init: Tensor, multiplier_scale: Tensor) -> Tensor:
         """``log lambda^0`` from GECO's ``lambda_init`` (L,)."""
         return lambda_init.log()
 
+    def setup(self, log_lambdas: Tensor) -> None:
+        """Called once with ``log lambda^0`` (after GECO's bounds): size per-component state here."""
+
     @abc.abstractmethod
-    def update(self, log_lambdas: Tensor, c_ma: Tensor, finite: Tensor, geco: GECO) -> tuple[Tensor, Tensor]:
-        """The new ``log lambda`` (before GECO's bounds) from the new moving average ``c_ma``, and a
-        scalar bool: whether this step jumped. Own buffers change only where ``finite`` (a scalar
-        bool: GECO skips updates with a non-finite ``c_hat``)."""
+    def update(self, log_lambdas: Tensor, signals: Signals) -> tuple[Tensor, Tensor]:
+        """The new ``log lambda`` (before GECO's bounds) and a scalar bool: whether this step jumped.
+        Own buffers change only where ``signals.finite``."""
 
-    def loss(self, kl: Tensor, lambdas: Tensor, c: Tensor, geco: GECO) -> Tensor:
-        """The Lagrangian from the mean KL, lambda (L,) and the constraint ``c`` (L,)."""
-        return kl + (lambdas * c).sum()
-
-    def report(self, geco: GECO) -> dict[str, float]:
-        """Extra per-component values for GECO's report (``name/key``)."""
-        return {}
-
-    def unreachable(self, geco: GECO) -> Tensor | None:
-        """Boolean (L,): components whose lambda has stopped growing on a plateau; None where the
-        controller never stops it."""
-        return None
+    def progress(self, signals: Signals) -> Progress:
+        """What this controller reports of each component (nothing by default)."""
+        return Progress()
 
     @staticmethod
     def no_jump(like: Tensor) -> Tensor:
@@ -95,8 +168,8 @@ class Paper(Controller):
 
     name = "paper"
 
-    def update(self, log_lambdas: Tensor, c_ma: Tensor, finite: Tensor, geco: GECO) -> tuple[Tensor, Tensor]:
-        return log_lambdas + geco.lr * c_ma, self.no_jump(c_ma)
+    def update(self, log_lambdas: Tensor, signals: Signals) -> tuple[Tensor, Tensor]:
+        return log_lambdas + signals.lr * signals.c_ma, self.no_jump(log_lambdas)
 
 
 class Scaled(Controller):
@@ -138,57 +211,49 @@ class Scaled(Controller):
         self.margin = float(margin)
         self.patience, self.tolerance = int(patience), float(tolerance)
 
-    def setup(self, geco: GECO) -> None:
-        like = geco.log_lambdas
-        self.register_buffer("best", torch.full_like(like, torch.finfo(like.dtype).max))  # none yet
-        self.register_buffer("best_step", torch.zeros_like(like, dtype=torch.long))
+    def setup(self, log_lambdas: Tensor) -> None:
+        self.register_buffer("best", torch.full_like(log_lambdas, torch.finfo(log_lambdas.dtype).max))  # none yet
+        self.register_buffer("best_step", torch.zeros_like(log_lambdas, dtype=torch.long))
 
-    def initial_log_lambdas(self, lambda_init: Tensor, geco: GECO) -> Tensor:
-        return (lambda_init * self.start * geco.multiplier_scale).log()
+    def initial_log_lambdas(self, lambda_init: Tensor, multiplier_scale: Tensor) -> Tensor:
+        return (lambda_init * self.start * multiplier_scale).log()
 
-    def relative(self, c_ma: Tensor, geco: GECO) -> Tensor:
-        """``e = c_ma / value_scale``: the violation in units of a meaningful change."""
-        return c_ma / geco.value_scale
+    def update(self, log_lambdas: Tensor, signals: Signals) -> tuple[Tensor, Tensor]:
+        e = signals.c_ma / signals.value_scale
+        proposed = self.integrate(log_lambdas, (e + self.margin).clamp(-1, self.clip), signals)
+        proposed = torch.minimum(proposed, (signals.multiplier_scale * self.max_factor).log())
+        return self.hold_on_plateau(log_lambdas, proposed, e, signals), self.no_jump(log_lambdas)
 
-    def update(self, log_lambdas: Tensor, c_ma: Tensor, finite: Tensor, geco: GECO) -> tuple[Tensor, Tensor]:
-        e = self.relative(c_ma, geco)
-        proposed = self.integrate(log_lambdas, (e + self.margin).clamp(-1, self.clip), finite, geco)
-        proposed = torch.minimum(proposed, (geco.multiplier_scale * self.max_factor).log())
-        return self.hold_on_plateau(log_lambdas, proposed, e, finite, geco), self.no_jump(c_ma)
+    def integrate(self, log_lambdas: Tensor, e: Tensor, signals: Signals) -> Tensor:
+        return log_lambdas + self.step * signals.lr * e
 
-    def integrate(self, log_lambdas: Tensor, e: Tensor, finite: Tensor, geco: GECO) -> Tensor:
-        return log_lambdas + self.step * geco.lr * e
-
-    def hold_on_plateau(self, old: Tensor, new: Tensor, e: Tensor, finite: Tensor, geco: GECO) -> Tensor:
+    def hold_on_plateau(self, old: Tensor, new: Tensor, e: Tensor, signals: Signals) -> Tensor:
         """Track each component's best ``e`` since it was last satisfied; where it has stalled while
         violated, lambda may fall but not rise. A satisfied component starts the count afresh: a
         constraint that was met and drifts back above kappa is not unreachable."""
         if not self.patience:
             return new
+        finite = signals.finite
         satisfied = finite & (e <= 0)
         improved = finite & ~satisfied & (e < self.best - self.tolerance * self.best.abs().clamp(min=1.0))
         none_yet = torch.full_like(self.best, torch.finfo(self.best.dtype).max)
         self.best.copy_(torch.where(satisfied, none_yet, torch.where(improved, e, self.best)))
-        self.best_step.copy_(torch.where(satisfied | improved, geco.step, self.best_step))
-        return torch.where(self.unreachable_now(e, geco), torch.minimum(old, new), new)
+        self.best_step.copy_(torch.where(satisfied | improved, signals.step, self.best_step))
+        return torch.where(self.stalled(e, signals.step), torch.minimum(old, new), new)
 
-    def unreachable_now(self, e: Tensor, geco: GECO) -> Tensor:
-        return (e > 0) & (geco.step - self.best_step >= self.patience)
+    def stalled(self, e: Tensor, step: Tensor) -> Tensor:
+        """Violated, with no better ``e`` for ``patience`` updates."""
+        return (e > 0) & (step - self.best_step >= self.patience)
 
-    def unreachable(self, geco: GECO) -> Tensor | None:
-        return self.unreachable_now(self.relative(geco.c_ma, geco), geco) if self.patience else None
-
-    def report(self, geco: GECO) -> dict[str, float]:
-        stalled = self.unreachable(geco)
-        if stalled is None:
-            return {}
-        out: dict[str, float] = {}
-        best_c = (self.best * geco.value_scale).tolist()
-        for name, flag, best, at in zip(geco.component_names, stalled.tolist(), best_c, self.best_step.tolist()):
-            out[f"{name}/unreachable"] = float(flag)
-            out[f"{name}/best_c_ma"] = best
-            out[f"{name}/best_step"] = float(at)
-        return out
+    def progress(self, signals: Signals) -> Progress:
+        if not self.patience:
+            return Progress()
+        none = self.best == torch.finfo(self.best.dtype).max
+        return Progress(
+            unreachable=self.stalled(signals.c_ma / signals.value_scale, signals.step),
+            best=torch.where(none, math.nan, self.best * signals.value_scale),
+            best_step=torch.where(none, -1, self.best_step),
+        )
 
 
 class Restart(Scaled):
@@ -221,25 +286,23 @@ class Restart(Scaled):
             raise ConfigError(f"controller restart_to must be start or midway, got {restart_to!r}")
         self.restart_to = restart_to
 
-    def setup(self, geco: GECO) -> None:
-        super().setup(geco)
-        self.register_buffer("violated", torch.zeros_like(geco.log_lambdas, dtype=torch.bool))
-        self.register_buffer("restarted", torch.zeros_like(geco.log_lambdas, dtype=torch.bool))
-        self.register_buffer("log_lambda0", geco.log_lambdas.clone())
+    def setup(self, log_lambdas: Tensor) -> None:
+        super().setup(log_lambdas)
+        self.register_buffer("violated", torch.zeros_like(log_lambdas, dtype=torch.bool))
+        self.register_buffer("restarted", torch.zeros_like(log_lambdas, dtype=torch.bool))
+        self.register_buffer("log_lambda0", log_lambdas.clone())
 
-    def update(self, log_lambdas: Tensor, c_ma: Tensor, finite: Tensor, geco: GECO) -> tuple[Tensor, Tensor]:
-        new, _ = super().update(log_lambdas, c_ma, finite, geco)
+    def update(self, log_lambdas: Tensor, signals: Signals) -> tuple[Tensor, Tensor]:
+        new, _ = super().update(log_lambdas, signals)
+        finite, c_ma = signals.finite, signals.c_ma
         first = finite & (c_ma <= 0) & self.violated & ~self.restarted
         self.violated.copy_(self.violated | (finite & (c_ma > 0)))
         self.restarted.copy_(self.restarted | first)
         target = self.log_lambda0 if self.restart_to == "start" else (self.log_lambda0 + new) / 2
         return torch.where(first, torch.minimum(new, target), new), first.any()
 
-    def report(self, geco: GECO) -> dict[str, float]:
-        out = super().report(geco)
-        for name, flag in zip(geco.component_names, self.restarted.tolist()):
-            out[f"{name}/restarted"] = float(flag)
-        return out
+    def progress(self, signals: Signals) -> Progress:
+        return attrs.evolve(super().progress(signals), extra={"restarted": self.restarted})
 
 
 class NuPI(Scaled):
@@ -271,47 +334,23 @@ class NuPI(Scaled):
             raise ConfigError(f"nupi needs kp >= 0, ki >= 0 and 0 <= nu < 1, got kp={kp}, ki={ki}, nu={nu}")
         self.kp, self.ki, self.nu = float(kp), float(ki), float(nu)
 
-    def setup(self, geco: GECO) -> None:
-        super().setup(geco)
-        self.register_buffer("xi", torch.zeros_like(geco.log_lambdas))
+    def setup(self, log_lambdas: Tensor) -> None:
+        super().setup(log_lambdas)
+        self.register_buffer("xi", torch.zeros_like(log_lambdas))
 
-    def integrate(self, log_lambdas: Tensor, e: Tensor, finite: Tensor, geco: GECO) -> Tensor:
-        previous = torch.where(geco.step == 0, e, self.xi)  # xi^(-1) = e^0
+    def integrate(self, log_lambdas: Tensor, e: Tensor, signals: Signals) -> Tensor:
+        previous = torch.where(signals.step == 0, e, self.xi)  # xi^(-1) = e^0
         xi = self.nu * previous + (1 - self.nu) * e
-        self.xi.copy_(torch.where(finite, xi, self.xi))
-        return log_lambdas + self.step * geco.lr * (self.ki * e + self.kp * (xi - previous))
+        self.xi.copy_(torch.where(signals.finite, xi, self.xi))
+        return log_lambdas + self.step * signals.lr * (self.ki * e + self.kp * (xi - previous))
 
 
 class Normalised(Scaled):
-    """:class:`Scaled` with the Lagrangian divided by ``1 + sum_i lambda_i / s_i`` (s the natural
-    multiplier scales): ``(KL + lambda . C) / (1 + sum lambda / s)``, so the gradient keeps the
-    scale of the KL (for small lambda) or of ``s . C`` (for large) and Adam's moment estimates stay
-    valid when lambda moves by orders of magnitude."""
+    """:class:`Scaled` moving lambda, with the loss of :class:`NormalisedLagrangian`:
+    ``(KL + lambda . C) / (1 + sum lambda / s)``."""
 
     name = "normalised"
-
-    def loss(self, kl: Tensor, lambdas: Tensor, c: Tensor, geco: GECO) -> Tensor:
-        norm = 1 + (lambdas / geco.multiplier_scale.to(lambdas.dtype)).sum()
-        return (kl + (lambdas * c).sum()) / norm
-
-
-def build_controller(spec: str | Mapping[str, Any] | Controller | None) -> Controller:
-    """A controller from a registered name, a ``{"name": ..., **options}`` mapping, or itself."""
-    if isinstance(spec, Controller):
-        return spec
-    from geco_core.plugins import create
-
-    if spec is None:
-        spec = DEFAULT
-    if isinstance(spec, str):
-        return create("controller", spec)
-    if isinstance(spec, Mapping):
-        options = dict(spec)
-        name = options.pop("name", None)
-        if not isinstance(name, str):
-            raise ConfigError(f"controller needs a name, e.g. {{ name = {DEFAULT!r} }}; got {dict(spec)!r}")
-        return create("controller", name, **options)
-    raise ConfigError(f"controller must be a name, a table with a name, or a Controller; got {spec!r}")
+    formulation = NormalisedLagrangian()
 
 
 @hookimpl

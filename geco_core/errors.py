@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["GecoError", "ConfigError", "DataError", "CheckpointError", "NonFiniteConstraintError"]
+__all__ = ["GecoError", "ConfigError", "DataError", "CheckpointError", "RunFolderError", "NonFiniteConstraintError"]
 
 
 class GecoError(Exception):
@@ -19,6 +19,11 @@ class DataError(GecoError, FileNotFoundError):
 
 class CheckpointError(GecoError):
     """A checkpoint or run folder cannot be read (missing, truncated, or from an incompatible run)."""
+
+
+class RunFolderError(GecoError):
+    """A run folder cannot be made, opened or locked (a missing folder, a file in the way, a second
+    process training in it); the message names the path."""
 
 
 class NonFiniteConstraintError(GecoError, FloatingPointError):

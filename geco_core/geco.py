@@ -33,10 +33,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from geco_core.constraint import Batch, ConstraintLike, ConstraintStack
-from geco_core.controllers import DEFAULT, build_controller
+from geco_core.controllers import DEFAULT, Controller, Signals
 from geco_core.errors import ConfigError, NonFiniteConstraintError
+from geco_core.plugins import create
+from geco_core.state import ComponentState, GecoState, component_status
 
-__all__ = ["GECO", "LOG_LAMBDA_LIMIT"]
+__all__ = ["GECO", "LOG_LAMBDA_LIMIT", "build_controller"]
 
 Scalars = float | Sequence[float]
 # |log lambda| stays below this: lambda in [1e-12, 1e12]. Then lambda * C stays finite in float32 for
@@ -137,14 +139,15 @@ class GECO(nn.Module):
         self.register_buffer("multiplier_scale", self._expand([s for s, _ in scales], dtype), persistent=False)
         self.register_buffer("value_scale", self._expand([v for _, v in scales], dtype), persistent=False)
         self.controller = build_controller(controller)
-        log_lambda0 = self.controller.initial_log_lambdas(lambda0, self).clamp(self.log_lambda_min, self.log_lambda_max)
+        log_lambda0 = self.controller.initial_log_lambdas(lambda0, self.multiplier_scale)
+        log_lambda0 = log_lambda0.clamp(self.log_lambda_min, self.log_lambda_max)
         self.register_buffer("log_lambdas", log_lambda0)
         self.register_buffer("c_ma", torch.full_like(lambda0, 0.0 if ma_init is None else ma_init))
         self.register_buffer("c_hat", torch.zeros_like(lambda0))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped", torch.zeros((), dtype=torch.long))
         self.register_buffer("jumped", torch.zeros((), dtype=torch.bool), persistent=False)
-        self.controller.setup(self)
+        self.controller.setup(log_lambda0)
 
     # --- the stack, by name --------------------------------------------------------------------
 
@@ -191,11 +194,10 @@ class GECO(nn.Module):
             )
         c_hat = values.mean(dim=0)
         lambdas = self.lambdas.to(c_hat.dtype)  # lambda^(t-1): a fresh tensor, safe to update after
-        if not self.training:
-            return self.controller.loss(kl.mean(), lambdas, c_hat, self)
-        c_ma = self._update(c_hat.detach(), values.shape[0]).to(c_hat.dtype)
-        c = c_hat + (c_ma - c_hat).detach()
-        return self.controller.loss(kl.mean(), lambdas, c, self)
+        if self.training:
+            c_ma = self._update(c_hat.detach(), values.shape[0]).to(c_hat.dtype)
+            c_hat = c_hat + (c_ma - c_hat).detach()  # C: the value of c_ma, the gradient of c_hat
+        return self.controller.formulation(kl.mean(), lambdas, c_hat, self.multiplier_scale)
 
     @torch.no_grad()
     def _update(self, c_hat: Tensor, n: int) -> Tensor:
@@ -212,7 +214,7 @@ class GECO(nn.Module):
         safe = torch.where(finite, c_hat, self.c_ma)  # keeps NaN out of every later computation
         blended = self.alpha * self.c_ma + (1.0 - self.alpha) * safe
         c_ma = blended if self.ma_init is not None else torch.where(self.step == 0, safe, blended)
-        log_lambdas, jumped = self.controller.update(self.log_lambdas, c_ma, finite, self)
+        log_lambdas, jumped = self.controller.update(self.log_lambdas, self._signals(c_ma, finite))
         log_lambdas = log_lambdas.clamp(self.log_lambda_min, self.log_lambda_max)
         if self.warmup:
             log_lambdas = torch.where(self.step >= self.warmup, log_lambdas, self.log_lambdas)
@@ -223,6 +225,9 @@ class GECO(nn.Module):
         self.step.add_(finite.long())
         self.skipped.add_((~finite).long())
         return self.c_ma.clone()
+
+    def _signals(self, c_ma: Tensor, finite: Tensor) -> Signals:
+        return Signals(c_ma, self.step, finite, self.lr, self.multiplier_scale, self.value_scale)
 
     def _all_processes_mean(self, c_hat: Tensor, n: int) -> Tensor:
         """Exact mean over every process's examples: all-reduce of (n * c_hat, n)."""
@@ -245,18 +250,64 @@ class GECO(nn.Module):
 
     # --- reports and state ---------------------------------------------------------------------
 
-    def report(self) -> dict[str, float]:
-        """Last step, per component ``name``: ``name/c_hat``, ``name/c_ma``, ``name/lambda`` and
-        ``name/beta`` (= 1/lambda); plus ``geco/step``, ``geco/skipped`` and the controller's own."""
-        rows = torch.stack([self.c_hat, self.c_ma, self.lambdas, self.lambdas.reciprocal()]).tolist()
-        out: dict[str, float] = {}
+    def state(self) -> GecoState:
+        """The multipliers after the last step: one typed record per component (name, kappa,
+        ``c_hat``, ``c_ma``, lambda, beta, the value reached in kappa's units, status, best value and
+        step, the controller's own; :class:`~geco_core.state.ComponentState`). One host sync."""
+        progress = self.controller.progress(self._signals(self.c_ma, self.step.new_ones((), dtype=torch.bool)))
+        lambdas = self.lambdas
+        columns = {
+            "c_hat": self.c_hat,
+            "c_ma": self.c_ma,
+            "lambda_": lambdas,
+            "beta": lambdas.reciprocal(),
+            "reached": self.stack.reached(self.c_ma),
+        }
+        if progress.unreachable is not None:
+            best = self.stack.reached(progress.best)
+            columns.update(
+                unreachable=progress.unreachable,
+                best=torch.where(best.isnan(), progress.best, best),  # value units where nothing is reached
+                best_step=progress.best_step,
+            )
+        columns.update(progress.extra)
+        table = torch.stack([c.to(torch.float64) for c in columns.values()])
+        counts = torch.stack([self.step, self.skipped]).tolist()
+        rows = dict(zip(columns, table.tolist()))
+        kappas = self.stack.per_component([float(c.kappa) for c in self.stack.constraints])
+        units = self.stack.per_component([c.units for c in self.stack.constraints])
+        components = []
         for j, name in enumerate(self.component_names):
-            for key, row in zip(("c_hat", "c_ma", "lambda", "beta"), rows):
-                out[f"{name}/{key}"] = row[j]
-        out["geco/step"] = float(self.step)
-        out["geco/skipped"] = float(self.skipped)
-        out.update(self.controller.report(self))
-        return out
+            row = {k: v[j] for k, v in rows.items()}
+            reached = None if math.isnan(row["reached"]) else row["reached"]
+            unreachable = None if "unreachable" not in row else bool(row["unreachable"])
+            best = row.get("best", math.nan)
+            components.append(
+                ComponentState(
+                    name=name,
+                    constraint=self.stack.component_constraints[j],
+                    kappa=kappas[j],
+                    units=units[j],
+                    c_hat=row["c_hat"],
+                    c_ma=row["c_ma"],
+                    lambda_=row["lambda_"],
+                    beta=row["beta"],
+                    reached=reached,
+                    status=component_status(
+                        row["c_ma"], reached, kappas[j], bool(unreachable), math.isfinite(row["c_hat"])
+                    ),
+                    unreachable=unreachable,
+                    best=None if math.isnan(best) else best,
+                    best_step=None if math.isnan(best) else int(row["best_step"]),
+                    extra={k: row[k] for k in progress.extra},
+                )
+            )
+        return GecoState(step=counts[0], skipped=counts[1], components=tuple(components))
+
+    def report(self) -> dict[str, float]:
+        """The last step as flat metrics (``re/c_ma``, ``re/lambda``, ..., ``geco/step``): the
+        keys of :meth:`GecoState.flat <geco_core.state.GecoState.flat>`, for a logger."""
+        return self.state().flat()
 
     def satisfied(self) -> Tensor:
         """Boolean ``(L,)``: the moving average of each component is ``<= 0``."""
@@ -318,3 +369,20 @@ def _short(names: Sequence[str], limit: int = 6) -> str:
     """``[a, b, c]``, or the first ``limit`` names and how many more."""
     shown = ", ".join(names[:limit])
     return f"[{shown}]" if len(names) <= limit else f"[{shown}, ... {len(names) - limit} more]"
+
+
+def build_controller(spec: str | Mapping[str, Any] | Controller | None) -> Controller:
+    """A controller from a registered name, a ``{"name": ..., **options}`` mapping, or itself."""
+    if isinstance(spec, Controller):
+        return spec
+    if spec is None:
+        spec = DEFAULT
+    if isinstance(spec, str):
+        return create("controller", spec)
+    if isinstance(spec, Mapping):
+        options = dict(spec)
+        name = options.pop("name", None)
+        if not isinstance(name, str):
+            raise ConfigError(f"controller needs a name, e.g. {{ name = {DEFAULT!r} }}; got {dict(spec)!r}")
+        return create("controller", name, **options)
+    raise ConfigError(f"controller must be a name, a table with a name, or a Controller; got {spec!r}")

@@ -1,10 +1,11 @@
 """Plugin discovery: the ``geco`` entry points, loaded once and on first use, through pluggy.
 
-Everything is registered the same way and found by name: geco-core's own controllers, models,
-datasets and objectives are entry points of the ``geco-core`` distribution, exactly as a third
-party's constraint is an entry point of its own. A plugin that fails to import, declares a hook
-that does not exist (a misspelling), or fails while registering is recorded by name in
-``registry().failures`` without taking the others down.
+Everything is registered the same way and found by name. geco-core's own controllers, models,
+datasets and objectives are plugin modules registered directly (:data:`DEFAULT_PLUGINS`, as llm
+does), so a source tree that is not installed has them too; a third party's constraint is an entry
+point of its own distribution. A plugin that fails to import, declares a hook that does not exist
+(a misspelling), or fails while registering is recorded by name in ``registry().failures``
+without taking the others down.
 
 Loading a plugin imports only its module: plugins defer heavy imports (torchvision, timm) to the
 moment something that needs them is built.
@@ -29,9 +30,29 @@ import pluggy
 from geco_core import hookspecs
 from geco_core.errors import ConfigError
 
-__all__ = ["Entry", "PluginFailure", "Registry", "registry", "create", "create_constraint", "HOOKS"]
+__all__ = [
+    "Entry",
+    "PluginFailure",
+    "Registry",
+    "registry",
+    "create",
+    "create_constraint",
+    "HOOKS",
+    "DEFAULT_PLUGINS",
+]
 
 ENTRY_POINT_GROUP = "geco"
+try:
+    CORE_VERSION = importlib.metadata.version("geco-core")
+except importlib.metadata.PackageNotFoundError:  # a source tree that is not installed
+    CORE_VERSION = "0.0.0+unknown"
+#: geco-core's own plugin modules, registered first (so no plugin can shadow a built-in name)
+DEFAULT_PLUGINS = (
+    "geco_core.controllers",
+    "geco_core.models",
+    "geco_core.data",
+    "geco_core.training.objectives",
+)
 PLUGINS_VARIABLE = "GECO_PLUGINS"
 #: kind -> the hook that registers it
 HOOKS = {
@@ -101,33 +122,34 @@ class Registry:
 
 @functools.cache
 def registry() -> Registry:
-    """Load every ``geco`` entry point once, then ask each plugin for its registrations.
-    ``registry.cache_clear()`` forgets them (tests install plugins on the fly)."""
+    """Load geco-core's own plugins, every ``geco`` entry point and the modules of
+    ``$GECO_PLUGINS``, once, then ask each plugin for its registrations. ``registry.cache_clear()``
+    forgets them (tests install plugins on the fly)."""
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
     reg = Registry()
-    for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=_core_first):
-        if pm.has_plugin(ep.name):
-            continue
-        dist = ep.dist.metadata["Name"] if ep.dist is not None else "?"
+    core = ("geco-core", CORE_VERSION)
+
+    def load(name: str, distribution: str, register: Callable[[], None]) -> None:
         try:
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name)
+            register()
             pm.check_pending()  # a hook implementation without a spec: a misspelled hook name
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the others down
-            if pm.has_plugin(ep.name):
-                pm.unregister(name=ep.name)
-            reg.failures.append(PluginFailure(ep.name, dist, _describe(exc)))
+            if pm.has_plugin(name):
+                pm.unregister(name=name)
+            reg.failures.append(PluginFailure(name, distribution, _describe(exc)))
+
+    for module in DEFAULT_PLUGINS:
+        load(module, core[0], lambda m=module: pm.register(importlib.import_module(m), name=m))
+    for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
+        if not pm.has_plugin(ep.name) and ep.value not in DEFAULT_PLUGINS:
+            dist = ep.dist.metadata["Name"] if ep.dist is not None else "?"
+            load(ep.name, dist, lambda ep=ep: pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=ep.name))
     for module in filter(None, (m.strip() for m in os.environ.get(PLUGINS_VARIABLE, "").split(","))):
-        if pm.has_plugin(module):
-            continue
-        try:
-            pm.register(importlib.import_module(module), name=module)
-            pm.check_pending()
-        except Exception as exc:  # noqa: BLE001
-            if pm.has_plugin(module):
-                pm.unregister(name=module)
-            reg.failures.append(PluginFailure(module, f"${PLUGINS_VARIABLE}", _describe(exc)))
+        if not pm.has_plugin(module):
+            load(module, f"${PLUGINS_VARIABLE}", lambda m=module: pm.register(importlib.import_module(m), name=m))
     origin = {id(plugin): (d.project_name, d.version) for plugin, d in pm.list_plugin_distinfo()}
+    origin.update({id(pm.get_plugin(m)): core for m in DEFAULT_PLUGINS if pm.has_plugin(m)})
     for kind, hook in HOOKS.items():
         # pluggy lists implementations last-registered first; register in load order instead
         for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):
@@ -138,11 +160,6 @@ def registry() -> Registry:
             except Exception as exc:  # noqa: BLE001
                 reg.failures.append(PluginFailure(impl.plugin_name, dist, _describe(exc)))
     return reg
-
-
-def _core_first(ep: importlib.metadata.EntryPoint) -> tuple[bool, str]:
-    """geco-core's own entry points first, so a plugin can never shadow a built-in name."""
-    return (ep.dist is None or ep.dist.metadata["Name"] != "geco-core", ep.name)
 
 
 def _register(

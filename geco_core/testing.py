@@ -114,7 +114,7 @@ class ConstraintContract:
         c = self.make()
         boundary = c.reached(torch.zeros(c.dim))
         if boundary is None:
-            return  # no units to map back to: nothing to compare
+            _skip(f"{self.name} maps no values back to kappa's units (reached returns None)")
         torch.testing.assert_close(boundary, torch.full((c.dim,), float(c.kappa)), rtol=1e-5, atol=1e-6)
         # which side of kappa is the satisfied one: that of a slightly negative value
         side = torch.sign(c.reached(torch.full((c.dim,), -1e-3 * c.value_scale)) - c.kappa)
@@ -139,7 +139,7 @@ class ConstraintContract:
     def test_frozen_networks_stay_in_eval_mode(self):
         c = self.make()
         if not isinstance(c, nn.Module):
-            return
+            _skip(f"{self.name} is not an nn.Module: it has no training mode")
         c.train()
         frozen = [m for m in c.modules() if getattr(m, "_geco_frozen", False)]
         assert all(not m.training for m in frozen)
@@ -161,3 +161,10 @@ class ConstraintContract:
         assert entry.description, "give the constraint a docstring: its first paragraph is its description"
         if self.distribution is not None:
             assert entry.distribution == self.distribution
+
+
+def _skip(reason: str) -> None:
+    """Skip the current contract test (pytest is imported only when a test runs)."""
+    import pytest
+
+    pytest.skip(reason)

@@ -1,6 +1,6 @@
 """Shipped weight files of frozen networks (FRE's features, CLA's classifier): checked and loaded.
 
-Public, for plugins: ``load_safetensors(path, sha256=..., owner=...)`` reads a safetensors file
+Public, for plugins: ``load_safetensors(path, owner=..., sha256_expected=...)`` reads a safetensors file
 (never a pickle) and, for a file shipped with a package, checks it against its recorded sha256.
 """
 

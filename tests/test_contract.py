@@ -35,3 +35,34 @@ for label, constraint, opts, shape, dist in SHIPPED:
 
 def test_every_installed_constraint_is_covered():
     assert INSTALLED <= {c for _, c, _, _, _ in SHIPPED}, "add the new constraint to SHIPPED"
+
+
+def test_the_kit_skips_what_it_cannot_check_rather_than_reporting_a_pass(pytester):
+    """A constraint with no units to map back to and no training mode: the two checks that need
+    them are reported skipped, with the reason, never passed."""
+    pytester.makepyfile(
+        """
+        import torch
+        from geco_core.testing import ConstraintContract
+
+        class Plain:  # no nn.Module, and reached() maps nothing back
+            name, units, kappa, dim, multiplier_scale, value_scale = "plain", "u", 0.1, 1, 1.0, 1.0
+            component_names = ["plain"]
+
+            def reached(self, values):
+                return None
+
+            def __call__(self, batch):
+                return (batch.x - batch.x_hat).abs().flatten(1).mean(1, keepdim=True) - self.kappa
+
+        class TestPlain(ConstraintContract):
+            name = "plain"
+            options = {"kappa": 0.1}
+
+            def make(self, **changes):
+                return Plain()
+        """
+    )
+    result = pytester.runpytest("-k", "satisfied_exactly or frozen_networks", "-rs", "-p", "no:cacheprovider")
+    result.assert_outcomes(skipped=2)
+    result.stdout.fnmatch_lines(["*plain maps no values back*", "*plain is not an nn.Module*"])

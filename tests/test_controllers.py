@@ -136,7 +136,7 @@ def test_restart_drops_lambda_once_when_a_violated_component_turns_satisfied(res
     restarted = math.log(10.0) if restart_to == "start" else (math.log(10.0) + peak) / 2
     assert geco.log_lambdas[0].item() == pytest.approx(restarted)
     assert geco.lambdas[1].item() == pytest.approx(10.0 * math.exp(3.0))
-    assert bool(geco.jumped) and geco.report()["c0[0]/restarted"] == 1.0
+    assert bool(geco.jumped) and geco.state().components[0].extra == {"restarted": 1.0}
     step(geco, [1.0, 1.0])
     step(geco, [-0.5, 1.0])  # satisfied again: no second restart
     assert not bool(geco.jumped)
@@ -182,11 +182,11 @@ def test_a_stalled_violated_component_stops_lambda_growing_and_is_reported_unrea
     for _ in range(5):
         step(geco, [0.5])
     assert geco.log_lambdas.item() == pytest.approx(held)
-    report = geco.report()
-    assert report["c0/unreachable"] == 1.0 and report["c0/best_c_ma"] == pytest.approx(0.5)
-    assert report["c0/best_step"] == 0.0
+    (state,) = geco.state().components
+    assert state.unreachable and state.status == "unreachable"
+    assert state.best == pytest.approx(0.5) and state.best_step == 0
     step(geco, [0.2])  # it improves again: lambda may move
-    assert geco.report()["c0/unreachable"] == 0.0
+    assert geco.state().components[0].unreachable is False
     step(geco, [0.2])
     assert geco.log_lambdas.item() > held
 
@@ -201,14 +201,14 @@ def test_a_met_constraint_that_drifts_back_above_kappa_is_not_unreachable(name):
         step(geco, [-0.5])  # met
     for _ in range(18):
         step(geco, [0.3])  # violated, constant: 27 updates after the best value, 18 after it was met
-    assert geco.report()["c0/unreachable"] == 0.0
+    assert geco.state().components[0].unreachable is False
     before = geco.log_lambdas.item()
     step(geco, [0.3])
     assert geco.log_lambdas.item() > before  # still rising
     for _ in range(5):
         step(geco, [0.3])
-    report = geco.report()  # now 24 updates without a better violation: stalled
-    assert report["c0/unreachable"] == 1.0 and report["c0/best_c_ma"] == pytest.approx(0.3)
+    (state,) = geco.state().components  # now 24 updates without a better violation: stalled
+    assert state.unreachable and state.best == pytest.approx(0.3)
 
 
 def test_normalised_divides_the_lagrangian_by_one_plus_the_relative_multipliers():
@@ -245,7 +245,7 @@ def test_a_third_party_controller_is_found_through_the_registry(monkeypatch):
 
         name = "halving"
 
-        def update(self, log_lambdas, c_ma, finite, geco):
+        def update(self, log_lambdas, signals):
             return log_lambdas / 2, torch.zeros((), dtype=torch.bool)
 
     entries = dict(registry().entries["controller"])
@@ -342,3 +342,58 @@ def test_a_run_with_a_kappa_no_model_can_reach_ends_unreachable_with_lambda_held
     held = [r["test-mae/lambda"] for r in records if r["step"] > row["best_step"] + 30]
     assert held and max(held) <= held[0] * (1 + 1e-6)  # no growth once stalled
     assert f"unreachable (best {row['best']:.4g} at step {row['best_step']})" in format_summary(run.read_summary())
+
+
+# --- the typed state -----------------------------------------------------------------------------
+
+
+class RMSE(Values):
+    """Values as a mean squared error minus kappa^2: ``reached`` maps them back to an RMSE."""
+
+    def reached(self, values):
+        return (values + self.kappa**2).clamp_min(0).sqrt()
+
+
+@pytest.mark.parametrize("name", CONTROLLERS)
+@given(seq=st.lists(st.lists(st.floats(-0.2, 0.5), min_size=3, max_size=3), min_size=1, max_size=30))
+def test_the_state_is_one_record_per_component_equal_to_the_buffers(name, seq):
+    """Every field of each component's record is what GECO's buffers hold (an independent read of
+    each buffer, float64), beta is 1/lambda, reached maps c_ma back, the flat keys are the report."""
+    geco = GECO([RMSE("re"), Values("cla", 2)], controller=name, dtype=torch.float64, alpha=0.5)
+    for c in seq:
+        step(geco, c)
+    state = geco.state()
+    assert [c.name for c in state.components] == ["re", "cla[0]", "cla[1]"]
+    assert [c.constraint for c in state.components] == ["re", "cla", "cla"]
+    assert state.step == int(geco.step) == len(seq) and state.skipped == 0
+    for j, c in enumerate(state.components):
+        assert c.c_ma == geco.c_ma[j].item() and c.c_hat == geco.c_hat[j].item()
+        assert c.lambda_ == geco.lambdas[j].item() and c.beta == pytest.approx(1 / c.lambda_)
+        assert c.kappa == 0.5 and c.units == "test units"
+        assert c.status in ("met", "at bound", "violated", "unreachable")
+        assert (c.status == "met") == (c.c_ma <= 0)
+    assert state.components[0].reached == pytest.approx(math.sqrt(max(0.0, geco.c_ma[0].item() + 0.25)))
+    assert state.components[1].reached is None  # the constraint maps nothing back
+    assert geco.report() == state.flat()
+
+
+def test_a_satisfied_component_has_no_best_value_nor_step_where_the_report_had_sentinels():
+    """The controller's 'none yet' (float max) never leaks: while a component is satisfied its best
+    value and step are None (and absent from the flat keys); while violated they are the best
+    value in kappa's units and the update it was reached at."""
+    geco = make({"name": "restart", "patience": 5, "margin": 0.0}, alpha=0.0)
+    step(geco, [0.3])
+    step(geco, [0.1])
+    (violated,) = geco.state().components
+    assert violated.best == pytest.approx(0.1) and violated.best_step == 1 and violated.unreachable is False
+    step(geco, [-0.2])
+    (met,) = geco.state().components
+    assert met.status == "met" and met.best is None and met.best_step is None
+    assert not {"c0/best", "c0/best_step"} & set(geco.report())
+
+
+def test_a_component_whose_last_batch_was_not_finite_is_diverged():
+    geco = make("restart")
+    step(geco, [0.1])
+    step(geco, [math.nan])
+    assert geco.state().components[0].status == "diverged" and geco.state().skipped == 1

@@ -190,3 +190,21 @@ def test_an_installed_plugin_stacks_with_re_in_one_geco(installed_plugins):
     out = subprocess.run([sys.executable, "-c", code], env=installed_plugins, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "'tiny/lambda'" in out.stdout and "'re/lambda'" in out.stdout
+
+
+def test_geco_cores_own_controllers_models_datasets_and_objectives_need_no_entry_point(monkeypatch):
+    """They are registered directly (plugins.DEFAULT_PLUGINS), so a source tree that is not
+    installed has them: with no entry point at all the registry still holds every built-in."""
+    import importlib.metadata
+
+    from geco_core import registry
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kwargs: [])
+    registry.cache_clear()
+    try:
+        reg = registry()
+        assert {"paper", "restart"} <= set(reg.names("controller")) and "conv-vae" in reg.names("model")
+        assert "shapes" in reg.names("dataset") and "geco" in reg.names("objective")
+        assert reg.get("controller", "restart").distribution == "geco-core" and not reg.failures
+    finally:
+        registry.cache_clear()

@@ -13,8 +13,8 @@ from test_training import TINY
 
 from geco_core.errors import ConfigError
 from geco_core.evaluation import plan, plot_information_plane, sweep
+from geco_core.figures import save_grids
 from geco_core.training import CHECKPOINT
-from geco_core.training.plots import save_grids
 
 EVAL = {"examples": 32, "marginal_examples": 16}
 

@@ -15,10 +15,10 @@ import torch
 from helpers import REPO, needs_plugins, records
 from test_data import needs_mnist
 
-from geco_core import CheckpointError, ConfigError
+from geco_core import CheckpointError, ConfigError, RunFolderError
+from geco_core.state import component_status
 from geco_core.training import CHECKPOINT, build, load_checkpoint, resume, train
 from geco_core.training.config import Config, load_config
-from geco_core.training.summary import status as summary_status
 
 TINY = {
     "data": {"name": "shapes", "n": 256, "size": 16},
@@ -65,7 +65,7 @@ def test_a_run_folder_holds_config_metrics_tensorboard_checkpoint_summary_and_pl
     summary = json.loads((run / "summary.json").read_text())
     (row,) = summary["constraints"]
     assert row["component"] == "test-mae" and row["kappa"] == 0.15
-    assert row["status"] == summary_status(row["c_ma"], row["reached"], 0.15)  # what its moving average says
+    assert row["status"] == component_status(row["c_ma"], row["reached"], 0.15)  # what its moving average says
     assert row["lambda"] == pytest.approx(metrics[-1]["test-mae/lambda"]) and row["beta"] == pytest.approx(
         1 / row["lambda"]
     )
@@ -136,9 +136,26 @@ def test_a_checkpoint_from_another_model_is_refused(tmp_path):
 def test_training_into_a_used_run_folder_is_refused(tmp_path):
     run = train(config=config(), run_dir=tmp_path / "run")
     before = digest(run)
-    with pytest.raises(ConfigError, match="already exists and is not empty"):
+    with pytest.raises(RunFolderError, match="already exists and is not empty"):
         train(config=config(), run_dir=run)
     assert digest(run) == before
+
+
+def test_run_folder_mistakes_are_run_folder_errors_not_config_errors(tmp_path):
+    from geco_core.training import Run
+
+    (tmp_path / "file").write_text("x")
+    run = Run(tmp_path, config())
+    for mistake in (
+        lambda: Run.open(tmp_path / "missing"),
+        lambda: Run.create(config(), tmp_path / "file"),
+        lambda: Run.create(config(logging={"dir": str(tmp_path / "file" / "runs")})),
+    ):
+        with pytest.raises(RunFolderError) as info:
+            mistake()
+        assert not isinstance(info.value, ConfigError)
+    with run.lock(), pytest.raises(RunFolderError, match="in use by another geco process"), run.lock():
+        pass
 
 
 @pytest.mark.parametrize("objective", ["elbo", "beta", "annealed-beta"])
@@ -222,8 +239,14 @@ def test_every_shipped_config_trains(tmp_path, path):
         (0.01, None, None, "violated"),
     ],
 )
-def test_summary_status_is_met_at_bound_or_violated_for_upper_and_lower_bounds(c_ma, reached, kappa, status):
-    assert summary_status(c_ma, reached, kappa) == status
+def test_component_status_is_met_at_bound_or_violated_for_upper_and_lower_bounds(c_ma, reached, kappa, status):
+    assert component_status(c_ma, reached, kappa) == status
+
+
+def test_component_status_is_unreachable_when_held_and_diverged_after_a_non_finite_batch():
+    assert component_status(0.02, 0.2, 0.1, unreachable=True) == "unreachable"
+    assert component_status(0.001, 0.101, 0.1, unreachable=True) == "at bound"  # within 2% of kappa
+    assert component_status(-0.01, 0.09, 0.1, unreachable=True, finite=False) == "diverged"
 
 
 LEGACY_CONFIG = """\
@@ -301,11 +324,11 @@ def test_a_cpu_experiment_keeps_freed_memory_in_the_process(monkeypatch):
     docs/BENCHMARKS.md), and on Linux the setting is accepted."""
     import sys
 
-    import geco_core.training.experiment as experiment
-    from geco_core.training.memory import keep_freed_memory
+    import geco_core.training.machine as machine
+    from geco_core.training.machine import keep_freed_memory
 
     calls = []
-    monkeypatch.setattr(experiment, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(machine, "keep_freed_memory", lambda: calls.append(1) or True)
     build(config())
     assert calls == [1]
     if sys.platform.startswith("linux"):
@@ -347,7 +370,7 @@ def test_train_compile_traces_every_model_and_trains_as_eager_does(tmp_path, mon
 def test_free_cores_counts_the_cores_that_other_runnable_tasks_leave(tmp_path, monkeypatch):
     """Cores allowed minus the runnable tasks other than the reader (median of the samples), at
     least 1; every allowed core where the kernel's count cannot be read."""
-    from geco_core.training.memory import free_cores
+    from geco_core.training.machine import free_cores
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     loadavg = tmp_path / "loadavg"
@@ -359,15 +382,81 @@ def test_free_cores_counts_the_cores_that_other_runnable_tasks_leave(tmp_path, m
 
 
 def test_a_run_without_train_threads_uses_the_free_cores_and_an_explicit_setting_wins(monkeypatch):
-    import geco_core.training.experiment as experiment
+    import geco_core.training.machine as machine
 
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        monkeypatch.setattr(experiment, "free_cores", lambda: 1)  # another process is busy
+        monkeypatch.setattr(machine, "free_cores", lambda: 1)  # another process is busy
         build(config())
         assert torch.get_num_threads() == 1
         build(config(train={"threads": 2}))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_callbacks_run_after_those_they_declare_in_any_given_order_and_write_the_same_run(tmp_path):
+    """Summary records the plots' paths (after Plots), checkpoints wait for the divergence guard:
+    shuffled, the default callbacks still run in such an order and the run's files are the same."""
+    import random
+
+    from geco_core.training import default_callbacks, in_order
+    from geco_core.training.callbacks import Checkpointing, DivergenceGuard, Plots, Summary
+
+    cfg = config()
+    for seed in range(30):
+        chosen = default_callbacks(cfg)
+        random.Random(seed).shuffle(chosen)
+        kinds = [type(c) for c in in_order(chosen)]
+        assert kinds.index(Summary) > kinds.index(Plots) and kinds.index(Checkpointing) > kinds.index(DivergenceGuard)
+    shuffled = default_callbacks(cfg)
+    random.Random(3).shuffle(shuffled)
+    assert [type(c) for c in shuffled].index(Summary) < [type(c) for c in shuffled].index(Plots)
+    runs = [
+        train(config=cfg, run_dir=tmp_path / "listed"),
+        train(config=cfg, run_dir=tmp_path / "shuffled", callbacks=shuffled),
+    ]
+    summaries = [json.loads((run / "summary.json").read_text()) for run in runs]
+    assert set(summaries[1]["plots"]) == {"trajectory", "grid"}
+    for s in summaries:
+        s.pop("run"), s.pop("seconds"), s.pop("plots")
+    assert summaries[0] == summaries[1] and records(runs[0]) == records(runs[1])
+
+
+def test_callbacks_that_wait_on_each_other_are_refused():
+    from geco_core.training import Callback, in_order
+
+    class A(Callback):
+        pass
+
+    class B(Callback):
+        after = (A,)
+
+    A.after = (B,)
+    with pytest.raises(ValueError, match="callbacks wait on each other: A, B"):
+        in_order([A(), B()])
+
+
+def test_a_missing_test_split_is_an_error_before_anything_is_written_not_a_silent_fallback(tmp_path, monkeypatch):
+    """The summary and the plots evaluate held-out data: where the test split cannot be loaded the
+    run stops before its folder exists (it used to evaluate on the training data without a word)."""
+    from geco_core import DataError, registry
+    from geco_core.data.shapes import shapes
+    from geco_core.plugins import Entry
+
+    def train_only(split: str = "train", seed: int = 0, n: int | None = None, size: int = 32):
+        """Shapes whose test files are missing."""
+        if split == "test":
+            raise DataError("train-only: missing test.bin in /nowhere")
+        return shapes(split, seed, n, size)
+
+    entry = Entry("dataset", "train-only", train_only, "test", "test", "0", "train only")
+    monkeypatch.setitem(registry().entries["dataset"], "train-only", entry)
+    doc = copy.deepcopy(TINY)
+    doc["data"]["name"] = "train-only"
+    with pytest.raises(DataError, match="held-out \\(test\\) split of 'train-only' cannot be loaded.*test.bin"):
+        train(config=Config.from_dict(doc), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    doc["logging"] = {"progress": False, "eval_examples": 0, "plots": False}
+    assert (train(config=Config.from_dict(doc), run_dir=tmp_path / "quiet") / "summary.json").is_file()

@@ -4,7 +4,6 @@ and below, never the CLI."""
 
 from __future__ import annotations
 
-from geco_core.evaluation.figures import plot_curves, plot_information_plane
 from geco_core.evaluation.measures import (
     MARGINAL_EXAMPLES,
     average_kl,
@@ -18,6 +17,7 @@ from geco_core.evaluation.measures import (
     sigma_opt,
 )
 from geco_core.evaluation.sweep import plan, sweep, table
+from geco_core.figures import plot_curves, plot_information_plane
 
 __all__ = [
     "MARGINAL_EXAMPLES",

@@ -152,8 +152,7 @@ def sweep(
 ) -> list[dict[str, Any]]:
     """Train (or resume) every run of the sweep, evaluate each, and write ``OUT/sweep.json``,
     ``OUT/sweep.md``, ``OUT/information_plane.png`` and ``OUT/grids-<config>.png``."""
-    from geco_core.evaluation.figures import plot_information_plane
-    from geco_core.training.plots import save_grids
+    from geco_core.figures import plot_information_plane, save_grids
 
     runs = plan(configs, kappas, objectives, overrides)
     out = Path(out)

@@ -1,17 +1,79 @@
-"""The callbacks ``geco train`` runs (:func:`~geco_core.training.loop.default_callbacks`): the
-metrics file, TensorBoard, the progress bar, the divergence guard, checkpoints, plots and the
-summary. Each is one small class; add your own by subclassing :class:`Callback`."""
+"""Callbacks: what the training loop calls, and the ones ``geco train`` runs.
+
+A :class:`Callback` overrides any of its hooks; every hook receives the trainer, whose state
+(:class:`~geco_core.training.trainer_state.TrainerState`: the experiment, the run folder, the step,
+the records, the status, GECO's typed state at the last logged step) callbacks read and may change
+(``trainer.stop``). A callback that needs another's work declares it in ``after``; :func:`in_order`
+puts every callback after those it names (otherwise they keep the order they were given in). The
+defaults (:func:`default_callbacks`): the metrics file, TensorBoard, the progress bar, the
+divergence guard, checkpoints (after the guard), plots, the summary (after the plots, whose paths
+it records).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from torch import Tensor
 
-from geco_core.training.loop import Callback, Trainer
+from geco_core.figures import plot_trajectory, save_grid
+from geco_core.state import MANY
+from geco_core.training.config import Config
+from geco_core.training.distributed import DataParallelGroup
 from geco_core.training.run import nonfinite_entries, strict_json, write_atomic
+from geco_core.training.summary import grid_rows, summarise
+from geco_core.training.trainer_state import TrainerState
 
-__all__ = ["MetricsFile", "TensorBoard", "ProgressBar", "DivergenceGuard", "Checkpointing", "Plots", "Summary"]
+__all__ = [
+    "Callback",
+    "in_order",
+    "default_callbacks",
+    "MetricsFile",
+    "TensorBoard",
+    "ProgressBar",
+    "DivergenceGuard",
+    "Checkpointing",
+    "Plots",
+    "Summary",
+]
+
+
+class Callback:
+    """What the loop calls. Override any hook; list in ``after`` the callback classes whose hooks
+    must run before this one's (:func:`in_order`)."""
+
+    after: ClassVar[tuple[type[Callback], ...]] = ()
+
+    def on_fit_start(self, trainer: TrainerState) -> None:
+        """Before the first step (of this process: after a resume, at the checkpoint's step)."""
+
+    def on_step_end(self, trainer: TrainerState, metrics: dict[str, Tensor] | None) -> None:
+        """After each step (``trainer.step`` steps done). ``metrics`` (detached tensors) on steps
+        that log, else None; ``trainer.last_step_finite`` says whether the optimiser stepped."""
+
+    def on_log(self, trainer: TrainerState, record: dict[str, Any]) -> None:
+        """Every ``train.log_every`` steps and at the last one: the record just appended to
+        ``trainer.records`` (``trainer.geco`` holds the same step's typed GECO state)."""
+
+    def on_fit_end(self, trainer: TrainerState) -> None:
+        """After the last step, or when the run stopped early (``trainer.status`` says why)."""
+
+    def on_teardown(self, trainer: TrainerState) -> None:
+        """Always, last, even after an exception: release files and bars."""
+
+
+def in_order(callbacks: Sequence[Callback]) -> list[Callback]:
+    """``callbacks`` with each after every one it declares in ``after``, and otherwise in the
+    order given; a ValueError if two wait on each other."""
+    pending, placed = list(callbacks), []
+    while pending:
+        ready = next((c for c in pending if not any(isinstance(o, c.after) for o in pending if o is not c)), None)
+        if ready is None:
+            raise ValueError(f"callbacks wait on each other: {', '.join(type(c).__name__ for c in pending)}")
+        placed.append(ready)
+        pending.remove(ready)
+    return placed
 
 
 class MetricsFile(Callback):
@@ -19,7 +81,7 @@ class MetricsFile(Callback):
     checkpoint are dropped (the resumed run logs them again) and the earlier ones become the
     trainer's records."""
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: TrainerState) -> None:
         run = trainer.run
         kept = [r for r in run.read_metrics() if r["step"] <= trainer.start]
         text = "".join(strict_json(r) + "\n" for r in kept).encode()
@@ -27,11 +89,11 @@ class MetricsFile(Callback):
         trainer.records[:0] = kept
         self.file = open(run.metrics_path, "a")  # noqa: SIM115 - closed in on_teardown
 
-    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def on_log(self, trainer: TrainerState, record: dict[str, Any]) -> None:
         self.file.write(strict_json(record) + "\n")
         self.file.flush()
 
-    def on_teardown(self, trainer: Trainer) -> None:
+    def on_teardown(self, trainer: TrainerState) -> None:
         if getattr(self, "file", None) is not None:
             self.file.close()
 
@@ -40,49 +102,47 @@ class TensorBoard(Callback):
     """The records as TensorBoard scalars under ``tb/`` (a resumed run purges the steps after its
     checkpoint)."""
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: TrainerState) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         start = trainer.start
         self.writer = SummaryWriter(str(trainer.run.tb_dir), purge_step=start + 1 if start else None)
 
-    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def on_log(self, trainer: TrainerState, record: dict[str, Any]) -> None:
         for k, v in record.items():
             if k != "step":
                 self.writer.add_scalar(k, v, record["step"])
 
-    def on_teardown(self, trainer: Trainer) -> None:
+    def on_teardown(self, trainer: TrainerState) -> None:
         if getattr(self, "writer", None) is not None:
             self.writer.close()
 
 
 class ProgressBar(Callback):
-    """A tqdm bar: KL, RMSE, and per constraint component its moving average and lambda (or
-    ``unreachable``)."""
+    """A tqdm bar: KL, RMSE, and per constraint component (of constraints with at most
+    :data:`~geco_core.state.MANY`) its moving average and lambda, or ``unreachable``."""
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: TrainerState) -> None:
         from tqdm.auto import tqdm
 
         steps = trainer.exp.config.train.steps
         self.bar = tqdm(total=steps, initial=trainer.start, desc=trainer.run.path.name, dynamic_ncols=True)
 
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Tensor] | None) -> None:
+    def on_step_end(self, trainer: TrainerState, metrics: dict[str, Tensor] | None) -> None:
         self.bar.update(1)
 
-    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
+    def on_log(self, trainer: TrainerState, record: dict[str, Any]) -> None:
         postfix = {"KL": f"{record['kl']:.2f}", "RMSE": f"{record['rmse']:.4f}"}
-        geco = trainer.exp.geco
-        if geco is not None:
-            for name in geco.component_names:
-                if f"{name}/c_ma" in record:
-                    postfix[name] = f"{record[f'{name}/c_ma']:+.3g}"
-                    unreachable = record.get(f"{name}/unreachable")
-                    postfix[f"λ_{name}"] = "unreachable" if unreachable else f"{record[f'{name}/lambda']:.3g}"
+        if trainer.geco is not None:
+            for group in trainer.geco.by_constraint().values():
+                for c in group if len(group) <= MANY else ():
+                    postfix[c.name] = f"{c.c_ma:+.3g}"
+                    postfix[f"λ_{c.name}"] = "unreachable" if c.unreachable else f"{c.lambda_:.3g}"
         elif "beta" in record:
             postfix["β"] = f"{record['beta']:.3g}"
         self.bar.set_postfix(postfix, refresh=False)
 
-    def on_teardown(self, trainer: Trainer) -> None:
+    def on_teardown(self, trainer: TrainerState) -> None:
         if getattr(self, "bar", None) is not None:
             self.bar.close()
 
@@ -93,7 +153,7 @@ class DivergenceGuard(Callback):
     finite (checked on logged steps: Adam's second moment overflows under enormous gradients and
     then freezes the model silently)."""
 
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Tensor] | None) -> None:
+    def on_step_end(self, trainer: TrainerState, metrics: dict[str, Tensor] | None) -> None:
         limit = trainer.exp.config.train.max_nonfinite_steps
         if trainer.nonfinite_in_a_row >= limit:
             trainer.stop(
@@ -103,22 +163,21 @@ class DivergenceGuard(Callback):
             bad = nonfinite_entries(trainer.exp.optimizer.state_dict()["state"])
             if bad:
                 trainer.stop("diverged", f"the optimiser state holds NaN or infinity at step {trainer.step} ({bad[0]})")
-        if trainer.status == "diverged":
-            last = trainer.last_good_checkpoint
-            where = f"step {last} in {trainer.run.checkpoint_path}" if last is not None else "none was written"
-            trainer.reason = f"run diverged: {trainer.reason}; last good checkpoint: {where}"
 
 
 class Checkpointing(Callback):
     """``checkpoints/latest.pt`` every ``train.checkpoint_every`` steps and at the end, atomically.
-    Only after a finite step (a due checkpoint waits for the next one), and never from a state
-    holding NaN or infinity: a diverging run never overwrites its last good checkpoint."""
+    Only after a finite step of a running fit (a due checkpoint waits for the next one), and never
+    from a state holding NaN or infinity: a diverging run never overwrites its last good
+    checkpoint. Runs after the divergence guard, so a step it stops is never written."""
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    after = (DivergenceGuard,)
+
+    def on_fit_start(self, trainer: TrainerState) -> None:
         self.due = False
         trainer.last_good_checkpoint = trainer.start if trainer.run.has_checkpoint() else None
 
-    def on_step_end(self, trainer: Trainer, metrics: dict[str, Tensor] | None) -> None:
+    def on_step_end(self, trainer: TrainerState, metrics: dict[str, Tensor] | None) -> None:
         cfg = trainer.exp.config.train
         self.due = self.due or trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps
         if self.due and trainer.last_step_finite and trainer.status == "running":
@@ -127,7 +186,7 @@ class Checkpointing(Callback):
             if bad:  # the same on every process: their states are in step
                 trainer.stop("diverged", f"{bad[0]} holds NaN or infinity at step {trainer.step}; not written")
                 return
-            if trainer.exp.processes.main:
+            if trainer.exp.group.main:
                 trainer.run.save_checkpoint(state)
             trainer.last_good_checkpoint = trainer.step
             self.due = False
@@ -137,26 +196,44 @@ class Plots(Callback):
     """At the end: ``plots/trajectory.png`` (the paper's Figure 1 for this run) and
     ``plots/grid.png`` (held-out data, reconstructions, samples)."""
 
-    def on_fit_end(self, trainer: Trainer) -> None:
-        from geco_core.training.plots import plot_trajectory, save_grid
-        from geco_core.training.summary import grid_rows, kappas
-
+    def on_fit_end(self, trainer: TrainerState) -> None:
         if not trainer.records:
             return
         exp, folder = trainer.exp, trainer.run.plots_dir
         title = f"{exp.config.objective.name} · {exp.config.model.name} · {exp.config.data.name}"
+        components = trainer.geco.components if trainer.geco is not None else ()
         plots = trainer.artifacts.setdefault("plots", {})
-        plots["trajectory"] = str(plot_trajectory(trainer.records, kappas(exp), folder / "trajectory.png", title))
+        plots["trajectory"] = str(plot_trajectory(trainer.records, components, folder / "trajectory.png", title))
         images, labels = grid_rows(exp, exp.heldout[1])
         plots["grid"] = str(save_grid(images, folder / "grid.png", labels))
 
 
 class Summary(Callback):
-    """At the end: the held-out evaluation and ``summary.json`` (also ``trainer.summary``)."""
+    """At the end: the held-out evaluation and ``summary.json`` (also ``trainer.summary``), with
+    the paths of the plots."""
 
-    def on_fit_end(self, trainer: Trainer) -> None:
-        from geco_core.training.summary import summarise
+    after = (Plots,)
 
+    def on_fit_end(self, trainer: TrainerState) -> None:
         trainer.summary = summarise(trainer)
         text = strict_json(trainer.summary, indent=2).encode()
         write_atomic(trainer.run.summary_path, lambda f: f.write(text))
+
+
+def default_callbacks(config: Config, group: DataParallelGroup | None = None) -> list[Callback]:
+    """The callbacks ``geco train`` uses: metrics file, TensorBoard, progress bar, divergence
+    guard, checkpoints, plots, summary (as ``logging`` chooses). Processes other than the first
+    only guard and take part in checkpoints (which gather every process's RNG state); they write
+    nothing."""
+    if group is not None and not group.main:
+        return [DivergenceGuard(), Checkpointing()]
+    chosen: list[Callback] = [MetricsFile()]
+    if config.logging.tensorboard:
+        chosen.append(TensorBoard())
+    if config.logging.progress:
+        chosen.append(ProgressBar())
+    chosen += [DivergenceGuard(), Checkpointing()]
+    if config.logging.plots:
+        chosen.append(Plots())
+    chosen.append(Summary())
+    return chosen

@@ -1,11 +1,11 @@
-"""Experiment configuration: a TOML file parsed into attrs classes, one per section.
+"""Experiment configuration: a TOML file structured into attrs classes, one per section, by cattrs.
 
 Sections: ``[data]``, ``[model]``, ``[objective]`` (with ``[objective.<name>]`` tables),
 ``[[constraints]]`` (an array of tables, stacked in order), ``[train]``, ``[logging]``. Keys that are
 not fields of the data, model, objective and constraint sections are options of the registered
-dataset, model, objective or constraint and are checked against its signature. Every unknown key,
-wrong type, non-finite number or out-of-range value fails with a one-line :class:`ConfigError` that
-names it (``train.steps must be > 0, got -5``).
+dataset, model, objective or constraint, checked against its constructor's signature. Every unknown
+key, wrong type, non-finite number or out-of-range value fails with a one-line
+:class:`ConfigError` that names it (``train.steps must be > 0, got -5``).
 """
 
 from __future__ import annotations
@@ -20,9 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import cattrs
+from cattrs.errors import (
+    AttributeValidationNote,
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+)
+from cattrs.errors import IterableValidationNote as IndexNote
+from cattrs.gen import make_dict_structure_fn
 
 from geco_core.errors import ConfigError
 from geco_core.plugins import Entry, registry
+from geco_core.training.overrides import apply_override
+from geco_core.training.upgrade import upgrade_resolved
 
 __all__ = [
     "Config",
@@ -33,8 +44,6 @@ __all__ = [
     "TrainConfig",
     "LoggingConfig",
     "load_config",
-    "parse_override",
-    "upgrade_resolved",
     "check_type",
     "INJECTED",
 ]
@@ -156,37 +165,23 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
-        """Parse and check a TOML document (as a dict), including the registered names and options."""
-        sections = typing.get_type_hints(cls)
-        for key in data:
-            if key not in sections:
-                raise ConfigError(f"unknown section [{key}] (sections: {', '.join(sections)})")
-        tables = data.get("constraints", [])
-        if not isinstance(tables, list):
+        """Structure and check a TOML document (as a dict), including the registered names and options."""
+        if not isinstance(data.get("constraints", []), list):
             raise ConfigError("constraints must be an array of tables: [[constraints]]")
-        config = cls(
-            **{k: _section(sections[k], k, data[k]) for k in data if k != "constraints"},
-            constraints=tuple(_section(ConstraintConfig, f"constraints[{i}]", t) for i, t in enumerate(tables)),
-        )
+        try:
+            config = _converter.structure(data, cls)
+        except (ClassValidationError, IterableValidationError) as exc:
+            raise ConfigError(_first_error(exc, "")) from None
         return config._check_registered()
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a TOML-ready dict: options back among their section's keys, no None values."""
 
         def table(obj: Any) -> dict[str, Any]:
-            out: dict[str, Any] = {}
-            for f in attrs.fields(type(obj)):
-                v = getattr(obj, f.name)
-                if f.name == "options":
-                    out.update(_plain(v))
-                elif attrs.has(type(v)):
-                    out[f.name] = table(v)
-                elif v is not None:
-                    out[f.name] = list(v) if isinstance(v, tuple) else v
-            return out
+            out = {k: v for k, v in attrs.asdict(obj, recurse=False).items() if v is not None and k != "options"}
+            return {**out, **_plain(getattr(obj, "options", {}))}
 
-        sections = [f.name for f in attrs.fields(Config) if f.name not in ("objective", "constraints")]
-        out = {name: table(getattr(self, name)) for name in sections}
+        out = {f.name: table(getattr(self, f.name)) for f in attrs.fields(Config) if attrs.has(f.type)}
         objective = self.objective  # its options under [objective.<name>], like the other objectives'
         tables = {objective.name: objective.options, **objective.tables}
         out["objective"] = {"name": objective.name, **{name: _plain(t) for name, t in tables.items()}}
@@ -215,44 +210,122 @@ class Config:
         return attrs.evolve(self, data=data, model=model, objective=objective, constraints=constraints)
 
 
-# Sections whose extra keys are options of a registered factory.
-_WITH_OPTIONS = (DataConfig, ModelConfig, ConstraintConfig, ObjectiveConfig)
+# --- structuring ---------------------------------------------------------------------------------
 
 
-def _section(cls: type, prefix: str, table: Any) -> Any:
-    if not isinstance(table, dict):
-        raise ConfigError(f"[{prefix}] must be a table, got {table!r}")
-    fields = attrs.fields_dict(cls)
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
-    options: dict[str, Any] = {}
-    tables: dict[str, dict[str, Any]] = {}
-    for key, value in table.items():
-        if key in fields and key not in ("options", "tables"):
-            if attrs.has(hints[key]):
-                kwargs[key] = _section(hints[key], f"{prefix}.{key}", value)
-            else:
-                kwargs[key] = check_type(f"{prefix}.{key}", value, hints[key])
-        elif cls is ObjectiveConfig and isinstance(value, dict) and key in registry().entries["objective"]:
-            tables[key] = value  # [objective.<name>]: the options of that objective
-        elif cls in _WITH_OPTIONS:
-            options[key] = value
-        else:
-            accepted = ", ".join(k for k in fields if k != "options")
-            raise ConfigError(f"unknown key {prefix}.{key} ([{prefix}] accepts: {accepted})")
-    if cls is ObjectiveConfig:
-        kwargs["tables"] = tables
-    if cls in _WITH_OPTIONS:
-        kwargs["options"] = options
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        raise ConfigError(f"{prefix}.{exc}") from None
-    except TypeError as exc:  # a required key is missing
-        missing = [k for k, f in fields.items() if f.default is attrs.NOTHING and k not in kwargs]
-        if missing:
-            raise ConfigError(f"[{prefix}] needs the key {missing[0]!r}") from None
-        raise ConfigError(f"[{prefix}]: {exc}") from None
+class _Invalid(TypeError):
+    """A value of the wrong type; its message is ``must be <what>, got <value>``."""
+
+
+def _strict(check: typing.Callable[[Any], bool], what: str, convert: typing.Callable[[Any], Any] = lambda v: v):
+    def hook(value: Any, _: Any) -> Any:
+        if not check(value):
+            raise _Invalid(f"must be {what}, got {value!r}")
+        return convert(value)
+
+    return hook
+
+
+def _union(value: Any, annotation: Any) -> Any:
+    """The first member of the union that ``value`` structures to (TOML gives no type tags)."""
+    for member in typing.get_args(annotation):
+        try:
+            return _converter.structure(value, member)
+        except (_Invalid, ClassValidationError, IterableValidationError):
+            continue
+    raise _Invalid(f"must be {_describe(annotation)}, got {value!r}")
+
+
+def _array(value: Any, annotation: Any) -> tuple:
+    """A TOML array as a tuple (hashable, so configs compare), each item structured to its type."""
+    args = typing.get_args(annotation)
+    if not isinstance(value, list | tuple):
+        raise _Invalid(f"must be {_describe(annotation)}, got {value!r}")
+    if typing.get_origin(annotation) is tuple and args and args[-1] is not Ellipsis:
+        if len(args) != len(value):
+            raise _Invalid(f"must be {_describe(annotation)}, got {value!r}")
+        items = zip(value, args)
+    else:
+        items = ((v, args[0] if args else Any) for v in value)
+    out = []
+    for i, (v, a) in enumerate(items):
+        try:
+            out.append(_converter.structure(v, a))
+        except (_Invalid, ClassValidationError, IterableValidationError) as exc:
+            if isinstance(exc, _Invalid) and not attrs.has(a):
+                raise _Invalid(f"must be {_describe(annotation)}, got {value!r}") from None
+            exc.add_note(IndexNote(f"index {i}", i, a))  # a table of an array: its error names it
+            raise IterableValidationError(f"While structuring {annotation}", [exc], annotation) from None
+    return tuple(out)
+
+
+def _section(cls: type):
+    """Structure a section (a table). Where it has ``options``, its keys beyond its fields are a
+    registered factory's options (``[objective.<name>]`` tables of registered objectives go to
+    ``tables``); elsewhere an unknown key is an error."""
+    names = {f.name for f in attrs.fields(cls)} - {"options", "tables"}
+    structure = make_dict_structure_fn(cls, _converter, _cattrs_forbid_extra_keys=True)
+
+    def hook(table: Any, _: Any) -> Any:
+        if not isinstance(table, dict):
+            raise _Invalid(f"must be a table, got {table!r}")
+        if "options" not in attrs.fields_dict(cls):
+            return structure(table, cls)
+        known = {k: v for k, v in table.items() if k in names}
+        options = {k: v for k, v in table.items() if k not in names}
+        if cls is ObjectiveConfig:
+            objectives = registry().entries["objective"]
+            known["tables"] = {k: v for k, v in options.items() if isinstance(v, dict) and k in objectives}
+            options = {k: v for k, v in options.items() if k not in known["tables"]}
+        return structure({**known, "options": options}, cls)
+
+    return hook
+
+
+_converter = cattrs.Converter(forbid_extra_keys=True)
+for _type, _valid, _what in (
+    (int, lambda v: type(v) is int, "an integer"),
+    (float, lambda v: type(v) in (int, float) and math.isfinite(v), "a finite number"),
+    (bool, lambda v: type(v) is bool, "true or false"),
+    (str, lambda v: isinstance(v, str), "a string"),
+    (type(None), lambda v: v is None, "nothing"),
+):
+    _converter.register_structure_hook(_type, _strict(_valid, _what, float if _type is float else lambda v: v))
+_converter.register_structure_hook_func(lambda t: t is Any or t is inspect.Parameter.empty, lambda v, _: v)
+_converter.register_structure_hook_func(
+    lambda t: t is dict or typing.get_origin(t) is dict, _strict(lambda v: isinstance(v, dict), "a table")
+)
+_converter.register_structure_hook_func(lambda t: typing.get_origin(t) in (typing.Union, types.UnionType), _union)
+_converter.register_structure_hook_func(
+    lambda t: t in (tuple, list) or typing.get_origin(t) in (tuple, list, Sequence, typing.Sequence), _array
+)
+for _cls in (DataConfig, ModelConfig, ConstraintConfig, ObjectiveConfig, TrainConfig, LoggingConfig):
+    _converter.register_structure_hook(_cls, _section(_cls))
+
+
+def _first_error(exc: BaseException, path: str) -> str:
+    """The first error cattrs collected, as one line naming its key."""
+    if isinstance(exc, ClassValidationError | IterableValidationError):
+        for sub in exc.exceptions:
+            notes = [n for n in getattr(sub, "__notes__", ()) if isinstance(n, AttributeValidationNote | IndexNote)]
+            if isinstance(sub, KeyError):
+                return f"[{path}] needs the key {sub.args[0]!r}"
+            if not notes:
+                return _first_error(sub, path)
+            note = notes[0]
+            where = f"{path}[{note.index}]" if isinstance(note, IndexNote) else f"{path}.{note.name}".lstrip(".")
+            return _first_error(sub, where)
+    if isinstance(exc, ForbiddenExtraKeysError):
+        extra = sorted(exc.extra_fields)[0]
+        accepted = ", ".join(f.name for f in attrs.fields(exc.cl) if f.name not in ("options", "tables"))
+        if exc.cl is Config:
+            return f"unknown section [{extra}] (sections: {accepted})"
+        return f"unknown key {path}.{extra} ([{path}] accepts: {accepted})"
+    if isinstance(exc, _Invalid) and not path:
+        return str(exc)
+    if isinstance(exc, _Invalid):
+        return f"{path} {exc}" if "." in path or "[" in path else f"[{path}] {exc}"
+    return f"{path}.{exc}" if path else str(exc)  # a validator's message starts with the field
 
 
 def _entry(prefix: str, kind: str, name: str) -> Entry:
@@ -291,54 +364,14 @@ def _plain(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_type(key: str, value: Any, annotation: Any) -> Any:
-    """``value`` if it fits ``annotation`` (int, float, bool, str, X | None, Sequence[X], tuple[...],
-    dict), converted where TOML differs (int -> float, array -> tuple); else a ConfigError naming ``key``."""
-    ok, converted = _fits(value, annotation)
-    if not ok:
-        raise ConfigError(f"{key} must be {_describe(annotation)}, got {value!r}")
-    return converted
-
-
-def _fits(value: Any, annotation: Any) -> tuple[bool, Any]:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is Any or annotation is inspect.Parameter.empty:
-        return True, value
-    if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            ok, converted = _fits(value, arg)
-            if ok:
-                return True, converted
-        return False, value
-    if annotation is type(None):
-        return value is None, value
-    if annotation is bool:
-        return isinstance(value, bool), value
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if annotation is float:
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        return number and math.isfinite(value), float(value) if number else value
-    if annotation is str:
-        return isinstance(value, str), value
-    if origin is dict or annotation is dict:
-        return isinstance(value, dict), value
-    if origin in (tuple, list, Sequence) or annotation in (tuple, list):
-        if not isinstance(value, list | tuple):
-            return False, value
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                return False, value
-            items = list(zip(value, args))
-        else:
-            items = [(v, args[0] if args else Any) for v in value]
-        converted = []
-        for v, a in items:
-            ok, c = _fits(v, a)
-            if not ok:
-                return False, value
-            converted.append(c)
-        return True, tuple(converted)
-    return True, value  # an annotation we do not know how to check
+    """``value`` structured to ``annotation`` (int, float, bool, str, unions, arrays, tables), as
+    TOML gives it (an int for a float, an array for a tuple); else a ConfigError naming ``key``."""
+    try:
+        return _converter.structure(value, annotation)
+    except (_Invalid, ClassValidationError, IterableValidationError):
+        raise ConfigError(f"{key} must be {_describe(annotation)}, got {value!r}") from None
+    except cattrs.StructureHandlerNotFoundError:
+        return value  # an annotation we do not know how to check
 
 
 def _describe(annotation: Any) -> str:
@@ -375,68 +408,3 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), resolved: bool 
     for override in overrides:
         apply_override(data, override)
     return Config.from_dict(data)
-
-
-#: options that geco 0.1.0 wrote into [objective] for every objective, and which objectives take them
-_LEGACY_OPTIONS = {
-    "likelihood": ("elbo", "beta", "annealed-beta"),
-    "sigma": ("elbo", "beta", "annealed-beta"),
-    "learn_sigma": ("elbo", "beta", "annealed-beta"),
-    "beta": ("beta",),
-    "beta_start": ("annealed-beta",),
-    "beta_end": ("annealed-beta",),
-    "anneal_steps": ("annealed-beta",),
-}
-
-
-def upgrade_resolved(data: dict[str, Any]) -> dict[str, Any]:
-    """A run folder's config as this version writes it. geco 0.1.0 wrote every objective's options
-    into one ``[objective]`` table and had no multiplier controllers: its options go to the tables
-    of the objectives that take them, and its GECO runs keep Algorithm 1 (``controller = "paper"``)
-    and the paper's CLA (``form = "probability"``), as they were trained."""
-    objective = data.get("objective")
-    if not isinstance(objective, dict):
-        return data
-    # a legacy option is a plain value; ``beta`` as a table is ``[objective.beta]`` of this version
-    keys = {key for key in _LEGACY_OPTIONS.keys() & objective.keys() if not isinstance(objective[key], dict)}
-    if not keys:
-        return data
-    legacy = {key: objective.pop(key) for key in keys}
-    for key, value in legacy.items():
-        for name in _LEGACY_OPTIONS[key]:
-            objective.setdefault(name, {}).setdefault(key, value)
-    objective.setdefault("geco", {}).setdefault("controller", "paper")
-    for constraint in data.get("constraints", []):
-        if constraint.get("name") == "cla":
-            constraint.setdefault("form", "probability")
-    return data
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"train.steps=200"`` -> (["train", "steps"], 200); the value is read as TOML, else as a string."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip() or "." not in key:
-        raise ConfigError(f"--set expects section.key=value, got {text!r}")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return key.strip().split("."), value
-
-
-def apply_override(data: dict[str, Any], text: str) -> None:
-    """Set one ``section.key=value`` (``constraints.0.kappa=0.05`` for the first constraint) in ``data``."""
-    path, value = parse_override(text)
-    node: Any = data
-    for i, part in enumerate(path[:-1]):
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"--set {text}: {'.'.join(path[:i])} has {len(node)} entries, no {part!r}")
-            node = node[int(part)]
-        else:
-            node = node.setdefault(part, {})
-        if not isinstance(node, dict | list):
-            raise ConfigError(f"--set {text}: {'.'.join(path[: i + 1])} is not a section")
-    if isinstance(node, list):
-        raise ConfigError(f"--set {text}: choose an entry, e.g. {'.'.join(path[:-1])}.0.{path[-1]}")
-    node[path[-1]] = value

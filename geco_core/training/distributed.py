@@ -22,21 +22,26 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
+from geco_core.data.base import DataBatch
 from geco_core.errors import ConfigError
+from geco_core.models.base import Output
 
-__all__ = ["Processes", "join", "leave"]
+__all__ = ["DataParallelGroup", "join_group", "leave_group", "ModelAndObjective"]
 
 
 @attrs.frozen
-class Processes:
-    """Where this process stands: its ``rank`` among ``world`` processes (``local_rank`` on its node)."""
+class DataParallelGroup:
+    """The processes that train together, seen from this one: its ``rank`` among ``world``
+    (``local_rank`` on its node), and the few collectives the loop needs. One process alone is
+    a group of one, where every collective returns its input."""
 
     rank: int = 0
     world: int = 1
@@ -101,12 +106,12 @@ class Processes:
             dist.barrier()
 
 
-def join(device: str) -> Processes:
+def join_group(device: str) -> DataParallelGroup:
     """Join the process group described by torchrun's environment (one process: nothing to join).
     ``device`` is ``train.device``; on CUDA each process takes the GPU ``LOCAL_RANK``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Processes()
+        return DataParallelGroup()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if not dist.is_initialized():
@@ -114,11 +119,25 @@ def join(device: str) -> Processes:
             torch.cuda.set_device(local)
         backend = "nccl" if cuda else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
-    return Processes(rank, dist.get_world_size(), local)
+    return DataParallelGroup(rank, dist.get_world_size(), local)
 
 
-def leave() -> None:
+def leave_group() -> None:
     """Leave the process group (at the end of ``geco train`` / ``resume``)."""
     if dist.is_available() and dist.is_initialized():
         gc.collect()  # DDP wrappers left in reference cycles let go of the group while it is alive
         dist.destroy_process_group()
+
+
+class ModelAndObjective(nn.Module):
+    """The model and the objective as one module, which DistributedDataParallel wraps, so that
+    every trainable parameter (the model's, a learned sigma) has its gradient averaged.
+    ``forward(batch, step) -> (loss, output)``; ``run_model(batch) -> output`` runs the model."""
+
+    def __init__(self, model: nn.Module, objective: nn.Module, run_model: Callable[[DataBatch], Output]) -> None:
+        super().__init__()
+        self.model, self.objective, self.run_model = model, objective, run_model
+
+    def forward(self, batch: DataBatch, step: int) -> tuple[Tensor, Output]:
+        out = self.run_model(batch)
+        return self.objective(out, batch, step), out

@@ -20,9 +20,10 @@ from geco_core.geco import GECO
 from geco_core.models.base import VAE, Output
 from geco_core.plugins import create, registry
 from geco_core.training.config import Config, ConstraintConfig
-from geco_core.training.distributed import Processes
-from geco_core.training.memory import free_cores, keep_freed_memory
+from geco_core.training.distributed import DataParallelGroup, ModelAndObjective
+from geco_core.training.machine import prepare_device
 from geco_core.training.objectives import Objective, constraint_batch
+from geco_core.training.rng import restore_rng, rng_state
 from geco_core.training.run import CHECKPOINT_FORMAT
 
 __all__ = ["Experiment", "build", "load_dataset", "evaluating", "evaluate_heldout"]
@@ -34,16 +35,6 @@ def load_dataset(config: Config, split: str) -> ImageData:
     given = {"root": config.data.root, "split": split, "seed": config.data.seed, "download": config.data.download}
     kwargs = {k: v for k, v in given.items() if entry.accepts(k)}
     return entry.factory(**kwargs, **config.data.options)
-
-
-def _device(name: str, processes: Processes) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device = {name!r} but CUDA is not available on this machine")
-    if name == "cuda" and processes.distributed:
-        return torch.device("cuda", processes.local_rank)  # one GPU per process
-    return torch.device(name)
 
 
 def _model(config: Config, data: ImageData) -> VAE:
@@ -103,7 +94,7 @@ class Experiment:
     objective: Objective
     optimizer: torch.optim.Optimizer
     batches: Batches
-    processes: Processes = attrs.field(factory=Processes)
+    group: DataParallelGroup = attrs.field(factory=DataParallelGroup)
     compiled: nn.Module | None = None  # torch.compile(model), when train.compile is set
     ddp: nn.Module | None = None  # model and objective in DistributedDataParallel, on several processes
 
@@ -121,11 +112,15 @@ class Experiment:
 
     @functools.cached_property
     def heldout(self) -> tuple[str, ImageData]:
-        """``(split, data)``: the test split where the dataset has one, else the training data."""
+        """``(split, data)``: the dataset's test split; a :class:`DataError` naming what is missing
+        where it cannot be loaded (no silent fallback to the training data)."""
         try:
             return "test", load_dataset(self.config, "test")
-        except (ConfigError, DataError):
-            return "train", self.data
+        except (ConfigError, DataError) as exc:
+            raise DataError(
+                f"data: the held-out (test) split of {self.config.data.name!r} cannot be loaded ({exc}); "
+                "set logging.eval_examples = 0 and logging.plots = false to train without it"
+            ) from None
 
     def forward(self, batch) -> Output:
         """The model's output in float32 (the model itself runs under autocast when bf16 is set)."""
@@ -146,9 +141,7 @@ class Experiment:
     def state_dict(self, step: int) -> dict[str, Any]:
         """Everything a resume needs; with several processes every one's RNG state (a collective:
         every process calls it)."""
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rng = rng_state(self.device)
         state = {
             "format": CHECKPOINT_FORMAT,
             "step": step,
@@ -157,8 +150,8 @@ class Experiment:
             "optimizer": self.optimizer.state_dict(),
             "rng": rng,
         }
-        if self.processes.distributed:
-            state["rng_ranks"] = self.processes.gather(rng)
+        if self.group.distributed:
+            state["rng_ranks"] = self.group.gather(rng)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> int:
@@ -167,32 +160,22 @@ class Experiment:
             self.model.load_state_dict(state["model"])
             self.objective.load_state_dict(state["objective"])
             self.optimizer.load_state_dict(state["optimizer"])
-            ranks = state.get("rng_ranks") or [state["rng"]]
-            rank = self.processes.rank
-            if rank < len(ranks):  # the same process of the run that wrote it
-                rng = ranks[rank]
-                torch.set_rng_state(rng["torch"])
-                if "cuda" in rng and self.device.type == "cuda":
-                    torch.cuda.set_rng_state(rng["cuda"], self.device)
-            else:  # a process the checkpoint's run did not have: a seed of its own
-                torch.manual_seed(self.config.train.seed * 1_000_003 + rank + int(state["step"]))
+            seed = self.config.train.seed * 1_000_003 + self.group.rank + int(state["step"])
+            restore_rng(state.get("rng_ranks") or [state["rng"]], self.group.rank, seed, self.device)
             return int(state["step"])
         except (KeyError, RuntimeError, TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint does not fit this run's config: {str(exc).splitlines()[0]}") from None
 
 
-def build(config: Config, device: str | torch.device | None = None, processes: Processes | None = None) -> Experiment:
+def build(
+    config: Config, device: str | torch.device | None = None, group: DataParallelGroup | None = None
+) -> Experiment:
     """Seed, then build data, model, constraints, objective and optimiser from ``config`` (for this
-    process of ``processes``, when several train together)."""
-    processes = processes or Processes()
-    processes.check_batch(config.train.batch_size)
-    dev = _device(config.train.device, processes) if device is None else torch.device(device)
-    if config.train.threads is not None:
-        torch.set_num_threads(config.train.threads)
-    elif dev.type == "cpu" and (free := free_cores()) < torch.get_num_threads():
-        torch.set_num_threads(free)  # threads on busy cores slow every step (BENCHMARKS.md, "Threads on a shared CPU")
-    if dev.type == "cpu":
-        keep_freed_memory()  # +10-16% images/s at batch >= 64 (docs/BENCHMARKS.md, "Image size and batch")
+    process of ``group``, when several train together), on the machine :func:`prepare_device` sets up."""
+    group = group or DataParallelGroup()
+    group.check_batch(config.train.batch_size)
+    local_rank = group.local_rank if group.distributed else None
+    dev = prepare_device(config.train.device if device is None else str(device), config.train.threads, local_rank)
     torch.manual_seed(config.train.seed)
     with _named("data"):
         data = load_dataset(config, "train")
@@ -206,32 +189,18 @@ def build(config: Config, device: str | torch.device | None = None, processes: P
         objective = _objective(config, constraints).to(dev)
     params = [p for p in [*model.parameters(), *objective.parameters()] if p.requires_grad]
     batches = Batches(len(data), config.train.batch_size, config.train.seed)
-    exp = Experiment(
-        config, dev, data, model, constraints, objective, adam(params, config.train.lr), batches, processes
-    )
+    exp = Experiment(config, dev, data, model, constraints, objective, adam(params, config.train.lr), batches, group)
     if config.train.compile:
         exp.compiled = torch.compile(model)
-    if processes.distributed:
+    if group.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        together = _Together(model, objective, exp.forward)
         ids = [dev.index] if dev.type == "cuda" else None
-        exp.ddp = DistributedDataParallel(together, device_ids=ids, broadcast_buffers=False)
-        torch.manual_seed(config.train.seed * 1_000_003 + processes.rank)  # each process draws its own noise
+        exp.ddp = DistributedDataParallel(
+            ModelAndObjective(model, objective, exp.forward), device_ids=ids, broadcast_buffers=False
+        )
+        torch.manual_seed(config.train.seed * 1_000_003 + group.rank)  # each process draws its own noise
     return exp
-
-
-class _Together(nn.Module):
-    """The model and the objective as one module, what DistributedDataParallel wraps: every
-    trainable parameter (the model's, a learned sigma) has its gradient averaged."""
-
-    def __init__(self, model: VAE, objective: Objective, forward: Callable[[DataBatch], Output]) -> None:
-        super().__init__()
-        self.model, self.objective, self._forward = model, objective, forward
-
-    def forward(self, batch: DataBatch, step: int) -> tuple[Tensor, Output]:
-        out = self._forward(batch)
-        return self.objective(out, batch, step), out
 
 
 def adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:

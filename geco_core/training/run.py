@@ -18,8 +18,6 @@ the path; a write that fails leaves the previous file as it was and no temporary
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import math
 import os
@@ -30,14 +28,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import filelock
 import torch
 
-from geco_core.errors import CheckpointError, ConfigError
+from geco_core.errors import CheckpointError, ConfigError, RunFolderError
 from geco_core.training.config import Config, load_config
 
 __all__ = ["Run", "CHECKPOINT", "write_atomic", "load_checkpoint", "strict_json", "nonfinite_entries"]
 
 CHECKPOINT = Path("checkpoints") / "latest.pt"
+RECORDS = ("metrics.jsonl", "summary.json", "eval.json")
 CHECKPOINT_FORMAT = 1
 
 
@@ -113,6 +113,9 @@ class Run:
     def __init__(self, path: Path, config: Config) -> None:
         self.path = Path(path)
         self.config = config
+        self.checkpoint_path = self.path / CHECKPOINT
+        self.metrics_path, self.summary_path, self.eval_path = (self.path / f for f in RECORDS)
+        self.plots_dir, self.tb_dir = self.path / "plots", self.path / "tb"
 
     # --- opening -------------------------------------------------------------------------------
 
@@ -134,13 +137,13 @@ class Run:
                     k += 1
                     folder = base.with_name(f"{base.name}-{k}")
                 except OSError as exc:
-                    raise ConfigError(f"cannot create run folder {folder}: {exc.strerror}") from None
+                    raise RunFolderError(f"cannot create run folder {folder}: {exc.strerror}") from None
         else:
             folder = Path(path)
             if folder.exists() and not folder.is_dir():
-                raise ConfigError(f"run folder {folder} is a file, not a folder")
+                raise RunFolderError(f"run folder {folder} is a file, not a folder")
             if folder.is_dir() and any(folder.iterdir()) and not cls._restartable(folder, config):
-                raise ConfigError(
+                raise RunFolderError(
                     f"run folder {folder} already exists and is not empty: `geco resume {folder}` continues it"
                 )
             _make_folder(folder, "--run-dir")
@@ -161,38 +164,14 @@ class Run:
         """An existing run folder; its config is read and checked."""
         folder = Path(path)
         if not folder.exists():
-            raise ConfigError(f"run folder {folder} does not exist")
+            raise RunFolderError(f"run folder {folder} does not exist")
         if not folder.is_dir():
-            raise ConfigError(f"{folder} is a file, not a run folder")
+            raise RunFolderError(f"{folder} is a file, not a run folder")
         if not (folder / "config.toml").is_file():
-            raise ConfigError(f"{folder} is not a run folder (no config.toml)")
+            raise RunFolderError(f"{folder} is not a run folder (no config.toml)")
         return cls(folder, load_config(folder / "config.toml", resolved=True))
 
     # --- contents ------------------------------------------------------------------------------
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.path / CHECKPOINT
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def summary_path(self) -> Path:
-        return self.path / "summary.json"
-
-    @property
-    def eval_path(self) -> Path:
-        return self.path / "eval.json"
-
-    @property
-    def plots_dir(self) -> Path:
-        return self.path / "plots"
-
-    @property
-    def tb_dir(self) -> Path:
-        return self.path / "tb"
 
     def save_config(self, config: Config) -> None:
         """Write the resolved ``config`` as ``config.toml`` (atomically)."""
@@ -234,31 +213,20 @@ class Run:
     def read_summary(self) -> dict[str, Any] | None:
         return json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else None
 
-    def describe(self) -> str:
-        """One line: where the run is, its objective, model and data, and how far it got."""
-        c = self.config
-        done = self.checkpoint_step()
-        state = "finished" if self.summary_path.is_file() else f"step {done} of {c.train.steps}"
-        return f"{self.path}: {c.objective.name} · {c.model.name} · {c.data.name}, {state}"
-
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the folder's lock while training in it; a second process is refused with one line.
-        The lock is an advisory ``flock`` on ``.lock``: the kernel drops it when a process dies."""
-        path = self.path / ".lock"
-        f = open(path, "a")  # noqa: SIM115 - closed below; never written: the folder stays as it was
+        The lock is an advisory file lock on ``.lock`` (filelock): the system drops it when a
+        process dies."""
+        lock = filelock.FileLock(self.path / ".lock", timeout=0)
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            f.close()
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise ConfigError(f"run folder {self.path} is in use by another geco process") from None
-            raise
+            lock.acquire()
+        except filelock.Timeout:
+            raise RunFolderError(f"run folder {self.path} is in use by another geco process") from None
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-            f.close()
+            lock.release()
 
 
 def _make_folder(path: Path, what: str) -> None:
@@ -266,6 +234,6 @@ def _make_folder(path: Path, what: str) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise ConfigError(f"{what} {path}: a file is in the way of the folder") from None
+        raise RunFolderError(f"{what} {path}: a file is in the way of the folder") from None
     except OSError as exc:
-        raise ConfigError(f"{what} {path}: cannot create the folder ({exc.strerror})") from None
+        raise RunFolderError(f"{what} {path}: cannot create the folder ({exc.strerror})") from None

@@ -1,127 +1,65 @@
 """The end of a run: held-out evaluation and each constraint against its kappa (``summary.json``).
 
-A constraint component's status is:
-
-* ``met`` when its moving average ``c_ma <= 0``;
-* ``at bound`` when it is above 0 but its reached value is within ``AT_BOUND`` (2%, relative) of
-  kappa, on either side, which is where GECO holds an active constraint that KL minimisation pushes
-  against (its moving average then hovers around 0);
-* ``unreachable`` when the controller stopped lambda from growing because the constraint stalled
-  above kappa (the row says the best value reached and the step it was reached at);
-* ``violated`` otherwise.
-
-For objectives other than GECO the held-out mean decides (``met`` or ``violated``). The summary's
-``status`` is the run's: ``finished`` or ``diverged``.
+One row per constraint component, from GECO's typed state (:class:`~geco_core.state.ComponentState`:
+kappa, ``c_ma``, lambda, beta, the value reached, its status — ``met``, ``at bound``,
+``unreachable`` with the best value and its step, ``violated``) and the held-out mean of the
+component; a constraint of more than :data:`~geco_core.state.MANY` components gets one row of
+:func:`~geco_core.state.overview`. For objectives other than GECO the held-out mean decides
+(``met`` or ``violated``). The summary's ``status`` is the run's: ``finished`` or ``diverged``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import math
+from typing import Any
 
 import torch
-from torch import Tensor
 
+from geco_core.state import MANY, overview
 from geco_core.training.experiment import Experiment, evaluate_heldout, evaluating
+from geco_core.training.trainer_state import TrainerState
 
-if TYPE_CHECKING:
-    from geco_core.training.loop import Trainer
+__all__ = ["summarise", "constraint_rows", "grid_rows", "format_summary"]
 
-__all__ = [
-    "summarise",
-    "constraint_rows",
-    "status",
-    "kappas",
-    "many_components",
-    "grid_rows",
-    "format_summary",
-    "AT_BOUND",
-]
-
-AT_BOUND = 0.02
 GRID_EXAMPLES = 8
-MAX_ROW_COMPONENTS = 8  # a constraint with more components gets one row (and log entry) of statistics
-
-
-def status(c_ma: float, reached: float | None, kappa: float | None, unreachable: bool = False) -> str:
-    """A component's status from its moving average, the value it reached and its kappa."""
-    if c_ma <= 0:
-        return "met"
-    if reached is not None and kappa and abs(reached - kappa) <= AT_BOUND * abs(kappa):
-        return "at bound"
-    return "unreachable" if unreachable else "violated"
-
-
-def many_components(c_ma: Tensor, satisfied: Tensor, lambdas: Tensor) -> dict[str, float]:
-    """A constraint with many components in three numbers: the share satisfied, the worst moving
-    average, the median multiplier."""
-    return {
-        "satisfied_fraction": float(satisfied.float().mean()),
-        "c_ma_max": float(c_ma.max()),
-        "lambda_median": float(lambdas.median()),
-    }
-
-
-def kappas(exp: Experiment) -> dict[str, float]:
-    """Component name -> its constraint's kappa."""
-    if exp.stack is None:
-        return {}
-    dims = [c.dim for c in exp.stack.constraints]
-    per_component = [c.kappa for c, d in zip(exp.stack.constraints, dims) for _ in range(d)]
-    return dict(zip(exp.stack.component_names, per_component))
 
 
 def constraint_rows(exp: Experiment, heldout: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """One row per component (one per constraint when it has more than MAX_ROW_COMPONENTS)."""
-    stack, geco = exp.stack, exp.geco
+    """One row per component (one per constraint of more than :data:`MANY` components)."""
+    stack = exp.stack
     if stack is None:
         return []
     means = heldout.get("constraint_means") if heldout else None
+    test_reached = stack.reached(means).tolist() if means is not None else None
+    states = exp.geco.state().by_constraint() if exp.geco is not None else {}
     index = stack.split(torch.arange(stack.num_components))
-    per = {
-        "c_ma": stack.split(geco.c_ma.cpu()) if geco is not None else None,
-        "satisfied": stack.split(geco.satisfied().cpu()) if geco is not None else None,
-        "lambda": stack.split(geco.lambdas.cpu()) if geco is not None else None,
-        "heldout": stack.split(means) if means is not None else None,
-    }
-    unreachable = geco.controller.unreachable(geco) if geco is not None else None
-    unreachable = stack.split(unreachable.cpu()) if unreachable is not None else None
-    report = geco.report() if geco is not None else {}
     rows = []
     for name, constraint in stack.by_name.items():
-        c_ma = per["c_ma"][name] if per["c_ma"] is not None else None
-        lam = per["lambda"][name] if per["lambda"] is not None else None
-        test = per["heldout"][name] if per["heldout"] is not None else None
         base = {"constraint": name, "kappa": constraint.kappa, "units": constraint.units}
-        if constraint.dim > MAX_ROW_COMPONENTS:
+        components, group = index[name].tolist(), states.get(name, ())
+        if constraint.dim > MANY:
             row = {**base, "component": f"{name}[0..{constraint.dim - 1}]", "components": constraint.dim}
-            if c_ma is not None:
-                row.update(many_components(c_ma, per["satisfied"][name], lam))
-            if test is not None:
-                row["heldout_satisfied_fraction"] = float((test <= 0).float().mean())
+            row.update(overview(group) if group else {})
+            if means is not None:
+                row["heldout_satisfied_fraction"] = float((means[components] <= 0).float().mean())
             rows.append(row)
             continue
-        reached = constraint.reached(c_ma) if c_ma is not None else None
-        test_reached = constraint.reached(test) if test is not None else None
-        for j, i in enumerate(index[name].tolist()):
-            component = stack.component_names[i]
-            row = {**base, "component": component}
-            if c_ma is not None:
-                row.update(c_ma=float(c_ma[j]), **{"lambda": float(lam[j]), "beta": float(1 / lam[j])})
-                if reached is not None:
-                    row["reached"] = float(reached[j])
-                stalled = bool(unreachable[name][j]) if unreachable is not None else False
-                row["status"] = status(row["c_ma"], row.get("reached"), constraint.kappa, stalled)
-                if row["status"] == "unreachable":
-                    best = report[f"{component}/best_c_ma"]
-                    best_reached = constraint.reached(torch.tensor([best] * constraint.dim))
-                    row["best"] = float(best_reached[j]) if best_reached is not None else best
-                    row["best_step"] = int(report[f"{component}/best_step"])
-            if test is not None:
-                row["heldout_value"] = float(test[j])
-                if test_reached is not None:
-                    row["heldout_reached"] = float(test_reached[j])
-                if c_ma is None:
-                    row["status"] = "met" if test[j] <= 0 else "violated"
+        for j, i in enumerate(components):
+            row = {**base, "component": stack.component_names[i]}
+            if group:
+                state = group[j]
+                row.update(c_ma=state.c_ma, **{"lambda": state.lambda_, "beta": state.beta})
+                if state.reached is not None:
+                    row["reached"] = state.reached
+                row["status"] = state.status
+                if state.status == "unreachable":
+                    row.update(best=state.best, best_step=state.best_step)
+            if means is not None:
+                row["heldout_value"] = float(means[i])
+                if not math.isnan(test_reached[i]):
+                    row["heldout_reached"] = test_reached[i]
+                if not group:
+                    row["status"] = "met" if means[i] <= 0 else "violated"
             rows.append(row)
     return rows
 
@@ -139,12 +77,12 @@ def grid_rows(exp: Experiment, data, n: int = GRID_EXAMPLES) -> tuple[list[torch
     return rows, labels
 
 
-def summarise(trainer: Trainer) -> dict[str, Any]:
+def summarise(trainer: TrainerState) -> dict[str, Any]:
     """The summary of a finished (or stopped) run: held-out evaluation, constraint rows, the last
     record, plots, status."""
     exp, cfg = trainer.exp, trainer.exp.config
-    split, data = exp.heldout
-    heldout = evaluate_heldout(exp, data, cfg.logging.eval_examples) if cfg.logging.eval_examples else None
+    split, data = exp.heldout if cfg.logging.eval_examples else (None, None)
+    heldout = evaluate_heldout(exp, data, cfg.logging.eval_examples) if data is not None else None
     records = trainer.records
     return {
         "run": str(trainer.run.path),

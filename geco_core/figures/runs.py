@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from geco_core.training.plots import pyplot, save_figure
+from geco_core.figures.run import pyplot, save_figure
 
 __all__ = ["plot_curves", "plot_information_plane"]
 

@@ -1,5 +1,5 @@
 """A run's figures: its training trajectory (the paper's Figure 1) and image grids (Figure 3), one
-run's or several side by side. The figures of many runs are in :mod:`geco_core.evaluation.figures`."""
+run's or several side by side. The figures of many runs are in :mod:`geco_core.figures.runs`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from geco_core.state import ComponentState, key
 
 __all__ = ["plot_trajectory", "save_grid", "save_grids", "as_displayable", "pyplot", "save_figure"]
 
@@ -31,39 +33,39 @@ def save_figure(fig, path: Path, **savefig) -> Path:
 
 
 def plot_trajectory(
-    records: Sequence[dict[str, float]], kappas: dict[str, float | None], path: Path, title: str = ""
+    records: Sequence[dict[str, float]], components: Sequence[ComponentState], path: Path, title: str = ""
 ) -> Path:
     """Figure 1 of the paper for one run, iteration encoded by colour in every panel:
-    the information plane (KL vs pixel RMSE), each constraint's reached value against its kappa
-    line, the equivalent beta (= 1/lambda for GECO), and the KL over training.
+    the information plane (KL vs pixel RMSE), each constraint component's reached value against its
+    kappa line, the equivalent beta (= 1/lambda for GECO), and the KL over training.
 
-    ``kappas`` maps a component name to its kappa, for components whose ``name/reached`` was logged.
-    """
+    ``components``: GECO's state of the components (:class:`~geco_core.state.ComponentState`);
+    those whose reached value was logged get a panel. Without any, beta is the objective's."""
     plt = pyplot()
     steps = [r["step"] for r in records]
-    shown = [n for n in kappas if records and f"{n}/reached" in records[-1]]
-    betas = [k for k in (records[-1] if records else {}) if k.endswith("/beta")] or ["beta"]
+    last = records[-1] if records else {}
+    shown = [c for c in components if key(c.name, "reached") in last]
+    betas = [key(c.name, "beta") for c in components if key(c.name, "beta") in last] or ["beta"]
     panels = 3 + len(shown)
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.8), squeeze=False, layout="constrained")
     axes = list(axes[0])
     style = dict(c=steps, cmap="viridis", s=8)
 
-    def series(key: str) -> list[float]:
-        return [r.get(key, float("nan")) for r in records]
+    def series(name: str) -> list[float]:
+        return [r.get(name, float("nan")) for r in records]
 
     ax = axes.pop(0)
     points = ax.scatter(series("kl"), series("rmse"), **style)
     ax.set(xlabel="KL (nats)", ylabel="pixel RMSE", title="information plane", yscale="log")
-    for name in shown:
+    for c in shown:
         ax = axes.pop(0)
-        ax.scatter(steps, series(f"{name}/reached"), **style)
-        if kappas[name] is not None:
-            ax.axhline(kappas[name], color="crimson", ls="--", lw=1, label=f"κ = {kappas[name]:g}")
-            ax.legend(loc="best")
-        ax.set(xlabel="iteration", ylabel="reached (moving average)", title=f"constraint {name}")
+        ax.scatter(steps, series(key(c.name, "reached")), **style)
+        ax.axhline(c.kappa, color="crimson", ls="--", lw=1, label=f"κ = {c.kappa:g}")
+        ax.legend(loc="best")
+        ax.set(xlabel="iteration", ylabel="reached (moving average)", title=f"constraint {c.name}")
     ax = axes.pop(0)
-    for key in betas:
-        ax.scatter(steps, series(key), **style)
+    for name in betas:
+        ax.scatter(steps, series(name), **style)
     label = "β = 1/λ" if betas != ["beta"] else "β"
     ax.set(xlabel="iteration", ylabel=label, title=f"equivalent {label}", yscale="log")
     ax = axes.pop(0)

@@ -1,11 +1,14 @@
-"""The CPU side of a process: keep freed memory in the process, and count the cores that are free.
+"""The machine a process trains on: its device, and on a CPU its threads and allocator.
+
+Threads: without ``train.threads``, torch gets one thread per core that no other process is running
+on when the run starts (:func:`free_cores`): threads on busy cores slow every step (docs/BENCHMARKS.md,
+"Threads on a shared CPU").
 
 Keep freed memory in the process: glibc hands large blocks (over its mmap threshold, 128 kB to
 32 MB) back to the operating system on free and faults them in again on the next allocation. A
-training step frees and reallocates the same large activations every step; that round trip cost
-up to a quarter of the throughput (1.30x with the blocks kept at 64x64 px, batch 256;
-docs/BENCHMARKS.md, "Image size and batch"). Raising glibc's mmap and trim thresholds keeps those
-blocks in the heap.
+training step frees and reallocates the same large activations every step; raising glibc's mmap
+and trim thresholds keeps those blocks in the heap (:func:`keep_freed_memory`; its effect is in
+docs/BENCHMARKS.md, "Image size and batch").
 """
 
 from __future__ import annotations
@@ -14,12 +17,35 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import statistics
 import sys
+import time
 
-__all__ = ["keep_freed_memory", "free_cores"]
+import torch
+
+from geco_core.errors import ConfigError
+
+__all__ = ["prepare_device", "keep_freed_memory", "free_cores"]
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 KEEP = 1 << 30  # bytes: blocks up to 1 GiB come from (and go back to) the heap, which is not trimmed
+
+
+def prepare_device(name: str, threads: int | None, local_rank: int | None = None) -> torch.device:
+    """The device ``train.device`` names (``auto``: CUDA where present; under several processes
+    ``cuda`` is the GPU ``local_rank``), with a CPU's threads and allocator set for training."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device = {name!r} but CUDA is not available on this machine")
+    device = torch.device("cuda", local_rank) if name == "cuda" and local_rank is not None else torch.device(name)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif device.type == "cpu" and (free := free_cores()) < torch.get_num_threads():
+        torch.set_num_threads(free)
+    if device.type == "cpu":
+        keep_freed_memory()
+    return device
 
 
 @functools.cache
@@ -39,9 +65,6 @@ def free_cores(samples: int = 5, interval: float = 0.02, loadavg: str = "/proc/l
     allowed (``sched_getaffinity``) minus the runnable tasks other than itself (the kernel's count
     in ``/proc/loadavg``, median of ``samples`` readings ``interval`` s apart); at least 1, and all
     of them where the count is not available."""
-    import statistics
-    import time
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     counts = []
     for i in range(samples):
