@@ -41,19 +41,30 @@ REPO = Path(__file__).resolve().parents[1]
 #: cell name -> (config file, kappa of the first constraint or None for the config's own)
 CELLS: dict[str, tuple[str, float | None]] = {
     "mnist-k0.06": ("mnist-geco-re.toml", 0.06),
+    "mnist-k0.07": ("mnist-geco-re.toml", 0.07),
+    "mnist-k0.085": ("mnist-geco-re.toml", 0.085),
     "mnist-k0.1": ("mnist-geco-re.toml", 0.1),
     "mnist-k0.175": ("mnist-geco-re.toml", 0.175),
     "color-mnist-k0.08": ("color-mnist-geco-re.toml", 0.08),
     "color-mnist-k0.1": ("color-mnist-geco-re.toml", 0.1),
+    "color-mnist-k0.11": ("color-mnist-geco-re.toml", 0.11),
     "color-mnist-k0.125": ("color-mnist-geco-re.toml", 0.125),
     "color-mnist-k0.15": ("color-mnist-geco-re.toml", 0.15),
     "color-mnist-k0.175": ("color-mnist-geco-re.toml", 0.175),
     "color-nvp-k0.1": ("color-mnist-nvp-geco.toml", 0.1),
     "color-nvp-k0.125": ("color-mnist-nvp-geco.toml", 0.125),
     "re-cla": ("mnist-geco-re-cla.toml", None),
+    "fre-k0.15": ("mnist-geco-fre.toml", 0.15),
+    "fre-k0.25": ("mnist-geco-fre.toml", 0.25),
+    "fre-k0.3": ("mnist-geco-fre.toml", 0.3),
     "fre": ("mnist-geco-fre.toml", None),
+    "pncc-k0.97": ("mnist-geco-pncc.toml", 0.97),
+    "pncc-k0.93": ("mnist-geco-pncc.toml", 0.93),
+    "pncc-k0.9": ("mnist-geco-pncc.toml", 0.9),
     "pncc": ("mnist-geco-pncc.toml", None),
     "cla": ("mnist-geco-cla.toml", None),
+    "cla-alone": ("mnist-geco-cla.toml", None),  # its first constraint only: CLA without the pixel guard
+    "ssim": ("mnist-geco-ssim.toml", None),
     "quickstart": ("quickstart.toml", None),
 }
 
@@ -113,6 +124,8 @@ def cell_config(cell: str, label: str, seed: int, steps: int) -> dict[str, Any]:
                 c["form"] = "probability"  # the paper's CLA, as shipped before
     else:
         geco["controller"] = CONTROLLERS[label]
+    if cell.endswith("-alone"):
+        doc["constraints"] = doc["constraints"][:1]
     if kappa is not None:
         doc["constraints"][0]["kappa"] = kappa
     doc.setdefault("train", {}).update(steps=steps, seed=seed, log_every=10, checkpoint_every=500)
@@ -176,6 +189,7 @@ def run_cell(out: str, cell: str, label: str, seed: int, steps: int) -> dict[str
         "kappa": first["kappa"],
         "heldout": first.get("heldout_reached", first.get("heldout_value")),
         "heldout_value": first.get("heldout_value"),
+        "twin_heldout": first.get("heldout_twin_reached"),  # a learned constraint under its twin network
         "statuses": [c.get("status") for c in summary["constraints"]],
         "kl": summary["heldout"]["kl"],
         "rmse": summary["heldout"]["rmse"],

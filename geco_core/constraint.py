@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 
 import attrs
@@ -29,6 +29,7 @@ T = TypeVar("T")
 
 __all__ = [
     "Batch",
+    "Units",
     "Constraint",
     "ConstraintLike",
     "CONTRACT",
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 
-@attrs.frozen(eq=False)
+@attrs.define(eq=False, slots=False)  # not frozen: torch.compile traces plain attribute sets
 class Batch:
     """What a constraint sees of one training batch.
 
@@ -56,6 +57,26 @@ class Batch:
     labels: Tensor | None = None
     context: Tensor | None = None
     index: Tensor | None = None
+
+
+@attrs.frozen
+class Units:
+    """A second unit for a constraint's kappa and reached values, which summaries, ``geco eval``
+    and plots show beside the first (RE: PSNR in dB beside the pixel RMSE).
+
+    name:    short, used in keys (``psnr``: ``reached_psnr`` in a summary row)
+    symbol:  printed after a value (``dB``)
+    convert: from kappa's units to these; ``invert`` back
+    """
+
+    name: str
+    symbol: str
+    convert: Callable[[float], float]
+    invert: Callable[[float], float]
+
+    def format(self, value: float | None) -> str:
+        """``" (20.0 dB)"``; empty for a missing value."""
+        return "" if value is None else f" ({self.convert(value):.1f} {self.symbol})"
 
 
 @runtime_checkable
@@ -103,6 +124,7 @@ class Constraint(nn.Module, abc.ABC):
 
     name: ClassVar[str] = ""
     units: ClassVar[str] = ""
+    also: ClassVar[Units | None] = None  # a second unit of kappa users think in, if any
     kappa: float = math.nan
     dim: int = 1
     multiplier_scale: float = 1.0
@@ -120,6 +142,12 @@ class Constraint(nn.Module, abc.ABC):
     def reached(self, values: Tensor) -> Tensor | None:
         """Constraint values mapped back to the units of kappa (RE: the pixel RMSE reached), for
         summaries and plots; None where that has no meaning."""
+        return None
+
+    def twin(self) -> ConstraintLike | None:
+        """The same constraint judged by an independent network (the same recipe, another seed),
+        where the constraint uses a learned one: reconstructions that fool this network should not
+        fool its twin. Summaries and ``geco eval`` report both. None where there is none."""
         return None
 
     def train(self, mode: bool = True) -> Constraint:

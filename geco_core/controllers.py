@@ -17,8 +17,10 @@ constraints' declared scales) and its own options, never GECO itself. Per compon
     nupi        log lambda^t = log lambda^0 + step * lr * (ki * sum_s e^s + kp * xi^t),
                 xi^t = nu * xi^(t-1) + (1 - nu) * e^t              (nuPI, Sohrabi et al. 2024)
     normalised  scaled, with the loss formulation :class:`NormalisedLagrangian`
+    ramp        lambda = s * (a climb as restart's, held high, then exponentially down): a fixed
+                schedule, the ramp of ``geco find-kappa``
 
-Every controller but ``paper`` also stops a component's lambda from growing while its constraint
+Every controller but ``paper`` and ``ramp`` also stops a component's lambda from growing while its constraint
 is violated and has not improved its best relative value ``e`` (since it was last satisfied) by
 ``tolerance`` (of itself, where it exceeds 1) for ``patience`` updates: the constraint is reported
 ``unreachable`` (GECO's state, the summary, the progress bar) with the best value and the step it
@@ -33,7 +35,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import attrs
 import torch
@@ -54,6 +56,7 @@ __all__ = [
     "Restart",
     "NuPI",
     "Normalised",
+    "Ramp",
     "DEFAULT",
 ]
 
@@ -61,8 +64,7 @@ __all__ = [
 DEFAULT = "restart"
 
 
-@attrs.frozen(eq=False)
-class Signals:
+class Signals(NamedTuple):  # a tuple: torch.compile traces it whole
     """What a controller sees at an update, per component ``(L,)`` unless scalar.
 
     c_ma:             the new moving average of the constraint
@@ -157,6 +159,11 @@ class Controller(nn.Module, abc.ABC):
         """What this controller reports of each component (nothing by default)."""
         return Progress()
 
+    def may_jump(self) -> Tensor | None:
+        """A scalar bool tensor: whether ``update`` can still jump (a discontinuous controller that
+        jumps a bounded number of times says when it is done); None: as ``discontinuous``."""
+        return None
+
     @staticmethod
     def no_jump(like: Tensor) -> Tensor:
         """The scalar ``False`` that :meth:`update` returns for a continuous step."""
@@ -177,8 +184,9 @@ class Scaled(Controller):
 
     ``log lambda^0 = log(lambda_init * start * s)`` with ``s = multiplier_scale``; ``log lambda +=
     step * lr * clip(e + margin, -1, clip)`` with ``e = c_ma / value_scale`` (RE: ``(mse -
-    kappa^2) / kappa^2``), never beyond ``max_factor * s``. ``margin`` aims a little inside the
-    bound, so that held-out data (a little worse than the training batches) meets it too. While a
+    kappa^2) / kappa^2``), never beyond ``max_factor * s``. ``margin`` (relative, default 0) aims
+    inside the bound by hand; GECO's generalisation gap, measured on validation data, already
+    aims where held-out data meets it (:meth:`GECO.validate`). While a
     violated component has not improved its best ``e`` by ``tolerance`` (relative, where ``e > 1``)
     for ``patience`` updates, its lambda does not grow (``patience = 0`` turns this off)."""
 
@@ -190,7 +198,7 @@ class Scaled(Controller):
         step: float = 0.05,
         start: float = 1e-3,
         clip: float = 1.0,
-        margin: float = 0.02,
+        margin: float = 0.0,
         max_factor: float = 100.0,
         patience: int = 500,
         tolerance: float = 0.01,
@@ -275,7 +283,7 @@ class Restart(Scaled):
         step: float = 0.05,
         start: float = 1e-3,
         clip: float = 1.0,
-        margin: float = 0.02,
+        margin: float = 0.0,
         restart_to: str = "midway",
         max_factor: float = 100.0,
         patience: int = 500,
@@ -304,6 +312,10 @@ class Restart(Scaled):
     def progress(self, signals: Signals) -> Progress:
         return attrs.evolve(super().progress(signals), extra={"restarted": self.restarted})
 
+    def may_jump(self) -> Tensor:
+        """Each component restarts once at most: no more jumps once every one has."""
+        return ~self.restarted.all()
+
 
 class NuPI(Scaled):
     """nuPI control of log lambda (Sohrabi et al., ICML 2024; Cooper's ``nuPI``) on the relative
@@ -324,7 +336,7 @@ class NuPI(Scaled):
         nu: float = 0.0,
         start: float = 1e-3,
         clip: float = 1.0,
-        margin: float = 0.02,
+        margin: float = 0.0,
         max_factor: float = 100.0,
         patience: int = 500,
         tolerance: float = 0.01,
@@ -353,7 +365,53 @@ class Normalised(Scaled):
     formulation = NormalisedLagrangian()
 
 
+class Ramp(Controller):
+    """Lambda on a fixed schedule, whatever the constraint does (``geco find-kappa``'s ramp), in
+    units of the natural scale ``s = multiplier_scale``: from ``start * s`` it climbs by ``rate``
+    per update in ``log lambda`` (the ``restart`` controller's climb) to ``high * s``, stays there
+    until ``hold`` of the ``steps`` updates are done, then falls exponentially to ``low * s`` by the
+    last one: the model learns to reconstruct as a GECO run does whose kappa is out of reach, then
+    trades reconstruction for KL on the way down. The loss is :class:`NormalisedLagrangian`, so
+    Adam's moments stay valid while lambda moves by orders of magnitude."""
+
+    name = "ramp"
+    formulation = NormalisedLagrangian()
+
+    def __init__(
+        self,
+        steps: int = 1000,
+        start: float = 1e-3,
+        rate: float = 0.05,
+        high: float = 100.0,
+        hold: float = 0.5,
+        low: float = 3e-3,
+    ) -> None:
+        super().__init__()
+        ordered = 0 < start <= high < math.inf and 0 < low < high
+        if steps < 2 or not ordered or not 0 <= hold < 1 or rate <= 0:
+            raise ConfigError(
+                "ramp needs steps >= 2, 0 < start <= high, 0 < low < high, rate > 0 and 0 <= hold < 1; "
+                f"got steps={steps}, start={start}, high={high}, low={low}, rate={rate}, hold={hold}"
+            )
+        self.steps, self.start, self.rate = int(steps), float(start), float(rate)
+        self.high, self.hold, self.low = float(high), float(hold), float(low)
+
+    def factor(self, step: Tensor) -> Tensor:
+        """lambda / s after update ``step`` (0-based, a float tensor)."""
+        held = int(self.hold * self.steps)
+        up = (math.log(self.start) + self.rate * step).clamp(max=math.log(self.high))
+        down = ((step - held).clamp(min=0) / max(self.steps - 1 - held, 1)).clamp(max=1)
+        return torch.where(step < held, up, math.log(self.high) + down * math.log(self.low / self.high)).exp()
+
+    def initial_log_lambdas(self, lambda_init: Tensor, multiplier_scale: Tensor) -> Tensor:
+        return (self.start * multiplier_scale).log()
+
+    def update(self, log_lambdas: Tensor, signals: Signals) -> tuple[Tensor, Tensor]:
+        scheduled = (signals.multiplier_scale * self.factor(signals.step.double())).log()
+        return scheduled.to(log_lambdas.dtype), self.no_jump(log_lambdas)
+
+
 @hookimpl
 def geco_register_controllers(register):
-    for controller in (Paper, Scaled, Restart, NuPI, Normalised):
+    for controller in (Paper, Scaled, Restart, NuPI, Normalised, Ramp):
         register(controller)

@@ -45,6 +45,8 @@ Scalars = float | Sequence[float]
 # any |C| < 3e26, and Adam's second moment (lambda * grad C)^2 for any |grad C| < 1.8e7, so neither
 # the loss nor the optimiser state can overflow. A guard, not a modelling bound (lambda_max is that).
 LOG_LAMBDA_LIMIT = 12 * math.log(10)
+#: standard errors above the validation mean that GECO aims below kappa (a one-sided 95% bound)
+CONFIDENCE = 1.645
 STATE_FORMAT = 2  # version of the extra state (component names) in ``state_dict``
 
 
@@ -144,10 +146,14 @@ class GECO(nn.Module):
         self.register_buffer("log_lambdas", log_lambda0)
         self.register_buffer("c_ma", torch.full_like(lambda0, 0.0 if ma_init is None else ma_init))
         self.register_buffer("c_hat", torch.zeros_like(lambda0))
+        self.register_buffer("gap", torch.zeros_like(lambda0))
+        self.register_buffer("validated", torch.zeros((), dtype=torch.bool))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped", torch.zeros((), dtype=torch.long))
         self.register_buffer("jumped", torch.zeros((), dtype=torch.bool), persistent=False)
         self.controller.setup(log_lambda0)
+        #: whether the controller can still jump, as the host last knew it (:meth:`state` reads it)
+        self.may_jump = self.controller.discontinuous
 
     # --- the stack, by name --------------------------------------------------------------------
 
@@ -214,7 +220,7 @@ class GECO(nn.Module):
         safe = torch.where(finite, c_hat, self.c_ma)  # keeps NaN out of every later computation
         blended = self.alpha * self.c_ma + (1.0 - self.alpha) * safe
         c_ma = blended if self.ma_init is not None else torch.where(self.step == 0, safe, blended)
-        log_lambdas, jumped = self.controller.update(self.log_lambdas, self._signals(c_ma, finite))
+        log_lambdas, jumped = self.controller.update(self.log_lambdas, self._signals(c_ma + self.gap, finite))
         log_lambdas = log_lambdas.clamp(self.log_lambda_min, self.log_lambda_max)
         if self.warmup:
             log_lambdas = torch.where(self.step >= self.warmup, log_lambdas, self.log_lambdas)
@@ -226,27 +232,65 @@ class GECO(nn.Module):
         self.skipped.add_((~finite).long())
         return self.c_ma.clone()
 
+    @torch.no_grad()
+    def validate(self, values: Tensor) -> None:
+        """Tell GECO the constraint values ``(n, L)`` of this process's validation examples (never
+        trained on), measured now; under ``torch.distributed`` every process's examples count.
+
+        GECO keeps the generalisation gap ``gap = bound - c_ma``, ``bound`` the validation mean plus
+        :data:`CONFIDENCE` standard errors (a one-sided 95% bound on the mean of data like the
+        validation examples), the first measurement as it is, then the mean of each new one with
+        the gap so far; its controller drives ``c_ma + gap`` to ``<= 0``. So the target tightens by
+        what held-out data lacks, and by how uncertain that is: held-out data meets kappa, not only
+        the training batches. A non-finite measurement is ignored."""
+        v = values.detach().to(self.c_ma.dtype)
+        stats = self._all_processes_sum(torch.cat([v.sum(0), v.square().sum(0), v.new_tensor([len(v)])]))
+        n = stats[-1].clamp(min=2)
+        mean = stats[: self.num_components] / n
+        variance = (stats[self.num_components : -1] / n - mean.square()).clamp(min=0) * n / (n - 1)
+        gap = mean + CONFIDENCE * (variance / n).sqrt() - self.c_ma
+        finite = torch.isfinite(gap).all()
+        blended = torch.where(self.validated, (self.gap + gap) / 2, gap)
+        self.gap.copy_(torch.where(finite, blended, self.gap))
+        self.validated.copy_(self.validated | finite)
+
     def _signals(self, c_ma: Tensor, finite: Tensor) -> Signals:
         return Signals(c_ma, self.step, finite, self.lr, self.multiplier_scale, self.value_scale)
 
     def _all_processes_mean(self, c_hat: Tensor, n: int) -> Tensor:
         """Exact mean over every process's examples: all-reduce of (n * c_hat, n)."""
-        if not (self.sync and dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not self._synced():
             return c_hat
-        total = torch.cat([c_hat * n, c_hat.new_tensor([float(n)])])
-        dist.all_reduce(total)
+        total = self._all_processes_sum(torch.cat([c_hat * n, c_hat.new_tensor([float(n)])]))
         return total[:-1] / total[-1]
 
-    def follow(self, optimizer: torch.optim.Optimizer) -> bool:
+    def _all_processes_sum(self, total: Tensor) -> Tensor:
+        """``total`` summed over every process (itself, alone)."""
+        if self._synced():
+            dist.all_reduce(total)
+        return total
+
+    def _synced(self) -> bool:
+        return self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def follow(self, optimizer: torch.optim.Optimizer) -> None:
         """Make ``optimizer`` follow a discontinuous change of lambda. Call it after every
-        ``optimizer.step()``: when the controller restarted a multiplier in this step, the
-        optimiser's state (Adam's moment estimates, sized by the old lambda's gradients) is cleared,
-        so its step sizes follow the new lambda; returns whether it was. Controllers that move lambda
-        continuously (``paper``) never clear anything and cost nothing here."""
-        if not self.controller.discontinuous or not bool(self.jumped):
-            return False
-        optimizer.state.clear()
-        return True
+        ``optimizer.step()``: when the controller restarted a multiplier in this step, every tensor
+        of the optimiser's state is multiplied by 0, so that Adam's moment estimates (sized by the
+        old lambda's gradients) and its step count start afresh, as after ``state.clear()``. The
+        decision is taken on the device (no host sync); controllers that move lambda continuously
+        (``paper``), and a ``restart`` whose every component has restarted (``may_jump``, known on
+        the host after :meth:`state`), never reset anything and cost nothing here."""
+        if not (self.controller.discontinuous and self.may_jump):
+            return
+        keep = ~self.jumped
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, Tensor):
+                    by_kind.setdefault((value.device, value.dtype), []).append(value)
+        for (device, dtype), tensors in by_kind.items():
+            torch._foreach_mul_(tensors, keep.to(device=device, dtype=dtype))
 
     # --- reports and state ---------------------------------------------------------------------
 
@@ -254,7 +298,8 @@ class GECO(nn.Module):
         """The multipliers after the last step: one typed record per component (name, kappa,
         ``c_hat``, ``c_ma``, lambda, beta, the value reached in kappa's units, status, best value and
         step, the controller's own; :class:`~geco_core.state.ComponentState`). One host sync."""
-        progress = self.controller.progress(self._signals(self.c_ma, self.step.new_ones((), dtype=torch.bool)))
+        target = self.c_ma + self.gap  # what the controller drives to <= 0
+        progress = self.controller.progress(self._signals(target, self.step.new_ones((), dtype=torch.bool)))
         lambdas = self.lambdas
         columns = {
             "c_hat": self.c_hat,
@@ -262,6 +307,9 @@ class GECO(nn.Module):
             "lambda_": lambdas,
             "beta": lambdas.reciprocal(),
             "reached": self.stack.reached(self.c_ma),
+            "gap": self.gap,
+            "target": target,
+            "target_reached": self.stack.reached(target),
         }
         if progress.unreachable is not None:
             best = self.stack.reached(progress.best)
@@ -271,30 +319,45 @@ class GECO(nn.Module):
                 best_step=progress.best_step,
             )
         columns.update(progress.extra)
-        table = torch.stack([c.to(torch.float64) for c in columns.values()])
-        counts = torch.stack([self.step, self.skipped]).tolist()
-        rows = dict(zip(columns, table.tolist()))
-        kappas = self.stack.per_component([float(c.kappa) for c in self.stack.constraints])
-        units = self.stack.per_component([c.units for c in self.stack.constraints])
+        may_jump = self.controller.may_jump()
+        scalars = [self.step, self.skipped, may_jump if may_jump is not None else self.step.new_tensor(1)]
+        table = torch.cat(
+            [
+                torch.stack([c.to(torch.float64) for c in columns.values()]).flatten(),
+                *(s.reshape(1).to(torch.float64) for s in scalars),
+            ]
+        ).tolist()  # the one host read
+        step, skipped, jumps = (int(v) for v in table[-3:])
+        self.may_jump = self.controller.discontinuous and bool(jumps)
+        size = self.num_components
+        rows = {name: table[i * size : (i + 1) * size] for i, name in enumerate(columns)}
+        constraints = self.stack.per_component(self.stack.constraints)
         components = []
         for j, name in enumerate(self.component_names):
             row = {k: v[j] for k, v in rows.items()}
             reached = None if math.isnan(row["reached"]) else row["reached"]
+            target_reached = None if math.isnan(row["target_reached"]) else row["target_reached"]
             unreachable = None if "unreachable" not in row else bool(row["unreachable"])
             best = row.get("best", math.nan)
             components.append(
                 ComponentState(
                     name=name,
                     constraint=self.stack.component_constraints[j],
-                    kappa=kappas[j],
-                    units=units[j],
+                    kappa=float(constraints[j].kappa),
+                    units=constraints[j].units,
+                    also=getattr(constraints[j], "also", None),
                     c_hat=row["c_hat"],
                     c_ma=row["c_ma"],
                     lambda_=row["lambda_"],
                     beta=row["beta"],
                     reached=reached,
+                    gap=row["gap"],
                     status=component_status(
-                        row["c_ma"], reached, kappas[j], bool(unreachable), math.isfinite(row["c_hat"])
+                        row["target"],
+                        target_reached,
+                        float(constraints[j].kappa),
+                        bool(unreachable),
+                        math.isfinite(row["c_hat"]),
                     ),
                     unreachable=unreachable,
                     best=None if math.isnan(best) else best,
@@ -302,7 +365,7 @@ class GECO(nn.Module):
                     extra={k: row[k] for k in progress.extra},
                 )
             )
-        return GecoState(step=counts[0], skipped=counts[1], components=tuple(components))
+        return GecoState(step=step, skipped=skipped, components=tuple(components))
 
     def report(self) -> dict[str, float]:
         """The last step as flat metrics (``re/c_ma``, ``re/lambda``, ..., ``geco/step``): the
@@ -310,8 +373,9 @@ class GECO(nn.Module):
         return self.state().flat()
 
     def satisfied(self) -> Tensor:
-        """Boolean ``(L,)``: the moving average of each component is ``<= 0``."""
-        return self.c_ma <= 0
+        """Boolean ``(L,)``: the moving average of each component, corrected by its generalisation
+        gap (:meth:`validate`), is ``<= 0``."""
+        return self.c_ma + self.gap <= 0
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "components": list(self.component_names)}
@@ -322,6 +386,8 @@ class GECO(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
         """Match the saved multipliers to this stack by component name (reordering them if the
         stack lists the same components in another order); a different stack is refused."""
+        for key in ("gap", "validated"):  # states written before validation existed: no gap measured
+            state_dict.setdefault(prefix + key, getattr(self, key).new_zeros(getattr(self, key).shape))
         extra = state_dict.get(prefix + "_extra_state")
         if extra is None:  # a state from geco 0.1.0, stored by position: taken as it is
             state_dict[prefix + "_extra_state"] = extra = self.get_extra_state()
@@ -341,7 +407,7 @@ class GECO(nn.Module):
 
     def _per_component_keys(self, prefix: str) -> list[str]:
         """State keys of every buffer with one entry per component (GECO's and the controller's)."""
-        own = [prefix + k for k in ("log_lambdas", "c_ma", "c_hat")]
+        own = [prefix + k for k in ("log_lambdas", "c_ma", "c_hat", "gap")]
         return own + [f"{prefix}controller.{k}" for k in self.controller.component_buffers]
 
     def _per_component(self, key: str, value: Scalars, dtype: torch.dtype) -> Tensor:

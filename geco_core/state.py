@@ -9,7 +9,8 @@ metric keys (``<component>/<field>``, :func:`key`) in one place.
 
 A component's status:
 
-* ``met`` when its moving average ``c_ma <= 0``;
+* ``met`` when its moving average, corrected by the generalisation gap measured on validation data,
+  ``c_ma + gap <= 0`` (below, "the moving average" is that sum);
 * ``at bound`` when it is above 0 but its reached value is within :data:`AT_BOUND` (2%, relative)
   of kappa, on either side: where GECO holds an active constraint that KL minimisation pushes
   against (its moving average then hovers around 0);
@@ -26,6 +27,8 @@ from typing import Any
 
 import attrs
 import torch
+
+from geco_core.constraint import Units
 
 __all__ = ["ComponentState", "GecoState", "component_status", "key", "overview", "AT_BOUND", "MANY"]
 
@@ -64,12 +67,15 @@ class ComponentState:
     c_ma:        its moving average, what lambda follows
     lambda_:     the multiplier; ``beta = 1 / lambda_``
     reached:     ``c_ma`` in kappa's units (RE: the pixel RMSE); None where the constraint has none
-    status:      met, at bound, violated, unreachable or diverged
+    gap:         the generalisation gap measured on validation data (value units; 0 before any):
+                 GECO drives ``c_ma + gap`` to ``<= 0``
+    status:      met, at bound, violated, unreachable or diverged, of ``c_ma + gap``
     unreachable: whether the controller holds lambda on a plateau; None for one that never does
     best:        the best ``c_ma`` since the component was last satisfied, in kappa's units (in
                  value units where the constraint has no ``reached``); None while it is satisfied
     best_step:   the update at which ``best`` was reached; None when there is none
     extra:       whatever else the controller reports (``restarted``)
+    also:        the constraint's second unit of kappa, if any (RE: PSNR in dB)
     """
 
     name: str
@@ -81,15 +87,18 @@ class ComponentState:
     lambda_: float
     beta: float
     reached: float | None
+    gap: float
     status: str
     unreachable: bool | None = None
     best: float | None = None
     best_step: int | None = None
     extra: Mapping[str, float] = attrs.field(factory=dict)
+    also: Units | None = None
 
     def flat(self) -> dict[str, float]:
         """The flat metrics of this component, ``<name>/<field>``; a field that is None is left out."""
         fields: dict[str, Any] = {"c_hat": self.c_hat, "c_ma": self.c_ma, "lambda": self.lambda_, "beta": self.beta}
+        fields["gap"] = self.gap
         if self.unreachable is not None:
             fields.update(unreachable=float(self.unreachable), best=self.best, best_step=self.best_step)
         fields.update(self.extra)
@@ -98,12 +107,13 @@ class ComponentState:
 
 
 def overview(components: Sequence[ComponentState]) -> dict[str, float]:
-    """Many components of one constraint in three numbers: the share satisfied, the worst moving
-    average, the median multiplier (the lower middle one for an even count)."""
+    """Many components of one constraint in three numbers: the share satisfied (``c_ma + gap <= 0``),
+    the worst moving average, the median multiplier (the lower middle one for an even count)."""
     c_ma = torch.tensor([c.c_ma for c in components], dtype=torch.float64)
+    gap = torch.tensor([c.gap for c in components], dtype=torch.float64)
     lambdas = torch.tensor([c.lambda_ for c in components], dtype=torch.float64)
     return {
-        "satisfied_fraction": float((c_ma <= 0).double().mean()),
+        "satisfied_fraction": float((c_ma + gap <= 0).double().mean()),
         "c_ma_max": float(c_ma.max()),
         "lambda_median": float(lambdas.median()),
     }

@@ -20,6 +20,8 @@ SHIPPED = [
     ("fre", "fre", {"kappa": 0.4}, (1, 28, 28), "geco-fre"),
     ("pncc", "pncc", {"kappa": 0.8}, (1, 16, 16), "geco-pncc"),
     ("pncc-joint", "pncc", {"kappa": 0.5, "channels": "joint"}, (3, 16, 16), "geco-pncc"),
+    ("ssim", "ssim", {"kappa": 0.9}, (1, 28, 28), "geco-ssim"),
+    ("ssim-per-channel", "ssim", {"kappa": 0.8, "per": "channel"}, (3, 16, 16), "geco-ssim"),
 ]
 INSTALLED = set(registry().names("constraint"))
 

@@ -150,24 +150,40 @@ def test_restart_never_fires_for_a_component_satisfied_from_the_start():
         assert not bool(geco.jumped)
 
 
-def test_follow_clears_the_optimisers_state_only_after_a_restart():
-    model = nn.Linear(3, 1)
-    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+@pytest.mark.parametrize("fused", [True, False])
+def test_follow_resets_the_optimisers_state_after_a_restart_as_clearing_it_would(fused):
+    """After the step in which a multiplier restarts, Adam continues exactly as one whose state was
+    cleared (``state.clear()``, the fresh start), and before and after it exactly as one left alone;
+    decided on the device."""
+    torch.manual_seed(0)
+    model, reference = nn.Linear(3, 1), nn.Linear(3, 1)
+    reference.load_state_dict(model.state_dict())
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused)
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=0.1, fused=fused)
     geco = make({"name": "restart", "step": 0.5, "patience": 0, "margin": 0.0}, alpha=0.0)
 
-    def train_step(c: float) -> bool:
-        loss = model(torch.ones(1, 3)).sum() * geco.lambdas.item() + step(geco, [c])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return geco.follow(opt)
+    def train_step(c: float) -> None:
+        weight = geco.lambdas.item()
+        for m, o in ((model, opt), (reference, ref_opt)):
+            loss = m(torch.ones(1, 3)).sum() * weight
+            o.zero_grad()
+            loss.backward()
+            o.step()
+        step(geco, [c])
+        geco.follow(opt)
+        if bool(geco.jumped):
+            ref_opt.state.clear()
 
-    assert not train_step(1.0) and opt.state  # Adam has moments
-    assert not train_step(1.0) and opt.state
-    assert train_step(-1.0) and not opt.state  # the restart: Adam starts afresh
-    assert not train_step(-1.0) and opt.state
+    for c in (1.0, 1.0, -1.0, -1.0, 1.0):
+        train_step(c)
+        for a, b in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    steps = [float(s["step"]) for s in opt.state.values()]
+    assert steps == [2.0, 2.0]  # two steps since the restart at the third
     paper = make("paper")
-    assert paper.follow(opt) is False and opt.state  # paper never jumps, never clears
+    before = {k: v.clone() for k, v in opt.state[next(iter(opt.state))].items()}
+    paper.follow(opt)  # paper never jumps, never resets
+    assert all(torch.equal(v, opt.state[next(iter(opt.state))][k]) for k, v in before.items())
 
 
 def test_a_stalled_violated_component_stops_lambda_growing_and_is_reported_unreachable():

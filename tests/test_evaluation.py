@@ -233,7 +233,7 @@ def test_geco_eval_writes_every_field_finite(tmp_path, geco_cli, model):
     report = json.loads((run / "eval.json").read_text())
     assert report["step"] == 10 and report["model"] == model
     assert report["sigma_opt"]["value"] > 0
-    assert report["sigma_opt"]["examples"] == 256  # all of the 256 shapes: fewer than 1000
+    assert report["sigma_opt"]["examples"] == 256 - 25  # the training shapes but the validation tenth
     assert report["nll"]["bits_per_dim"] == pytest.approx(report["nll"]["nats_per_pixel"] / math.log(2))
     assert report["nll"]["nats_per_pixel"] > 0
     assert report["average_kl"]["examples"] == 64

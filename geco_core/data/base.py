@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
@@ -62,6 +63,28 @@ class ImageData:
     def context_shape(self) -> tuple[int, int, int] | None:
         return None if self.context is None else tuple(self.context.shape[1:])
 
+    def to(self, device: torch.device | str) -> ImageData:
+        """The same data on ``device`` (uint8 still): batches then index it there, with no copy
+        from the host per step."""
+        return self._map(lambda t: t.to(device))
+
+    def subset(self, index: Tensor) -> ImageData:
+        """The examples at ``index`` as a dataset of their own (copies)."""
+        return self._map(lambda t: t[index].contiguous())
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> ImageData:
+        images, labels, context = (None if t is None else fn(t) for t in (self.images, self.labels, self.context))
+        return ImageData(images=images, labels=labels, context=context)
+
+    def split(self, n: int, seed: int) -> tuple[ImageData, ImageData]:
+        """``(rest, held)``: ``n`` examples drawn by ``seed`` held out of this dataset (a
+        validation split carved from a training set), the others in their original order."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        held = order[:n].sort().values
+        keep = torch.ones(len(self), dtype=torch.bool)
+        keep[held] = False
+        return self.subset(keep.nonzero().squeeze(1)), self.subset(held)
+
     def batch(self, index: Tensor, device: torch.device | str = "cpu") -> DataBatch:
         """The examples at ``index``, moved to ``device`` as uint8 and scaled there to [0, 1]."""
 
@@ -79,12 +102,14 @@ class ImageData:
 @attrs.frozen
 class Batches:
     """Which examples make up training batch ``step``: epoch ``e`` is a permutation drawn from
-    ``seed`` and ``e``, cut into ``len // batch_size`` full batches. Stateless, so resuming at a
-    step reproduces the exact order without saving any sampler state."""
+    ``seed`` and ``e``, cut into ``len // batch_size`` full batches, on ``device`` (moved there once
+    per epoch). Stateless, so resuming at a step reproduces the exact order without saving any
+    sampler state."""
 
     size: int
     batch_size: int
     seed: int
+    device: str = "cpu"
 
     def __attrs_post_init__(self) -> None:
         if self.batch_size > self.size:
@@ -96,12 +121,13 @@ class Batches:
 
     def __call__(self, step: int) -> Tensor:
         epoch, i = divmod(step, self.per_epoch)
-        return _permutation(self.size, self.seed, epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+        return _permutation(self.size, self.seed, epoch, self.device)[i * self.batch_size : (i + 1) * self.batch_size]
 
 
 @functools.lru_cache(maxsize=2)
-def _permutation(size: int, seed: int, epoch: int) -> Tensor:
-    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+def _permutation(size: int, seed: int, epoch: int, device: str) -> Tensor:
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return order.to(device)
 
 
 def resolve_root(root: str | os.PathLike | None = None) -> Path:

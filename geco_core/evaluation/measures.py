@@ -42,7 +42,7 @@ from torch import Tensor
 from geco_core.errors import ConfigError
 from geco_core.models.base import VAE, DiagonalGaussian, Posterior
 from geco_core.training import Experiment, Run, build, evaluate_heldout, evaluating, strict_json, write_atomic
-from geco_core.training.summary import constraint_rows
+from geco_core.training.summary import constraint_rows, second_unit
 
 __all__ = [
     "quantised_normal_log_prob",
@@ -359,5 +359,10 @@ def format_report(report: dict[str, Any]) -> str:
     for row in report["constraints"]:
         value = row.get("heldout_reached", row.get("heldout_value"))
         if value is not None:
-            lines.append(f"{row['component']:<14} {value:.4f}  vs kappa {row['kappa']}  ({row.get('status', '-')})")
+            mine = f"{value:.4f}{second_unit(row, 'heldout_reached')}"
+            kappa = f"{row['kappa']}{second_unit(row, 'kappa')}"
+            lines.append(f"{row['component']:<14} {mine}  vs kappa {kappa}  ({row.get('status', '-')})")
+        if "twin_status" in row:
+            twin = row.get("heldout_twin_reached", row.get("heldout_twin_value"))
+            lines.append(f"{'':<14} {twin:.4f}  under its twin network (another seed)  ({row['twin_status']})")
     return "\n".join(lines)

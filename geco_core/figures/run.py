@@ -60,9 +60,13 @@ def plot_trajectory(
     for c in shown:
         ax = axes.pop(0)
         ax.scatter(steps, series(key(c.name, "reached")), **style)
-        ax.axhline(c.kappa, color="crimson", ls="--", lw=1, label=f"κ = {c.kappa:g}")
+        label = f"κ = {c.kappa:g}" + (c.also.format(c.kappa) if c.also else "")
+        ax.axhline(c.kappa, color="crimson", ls="--", lw=1, label=label)
         ax.legend(loc="best")
         ax.set(xlabel="iteration", ylabel="reached (moving average)", title=f"constraint {c.name}")
+        if c.also:  # the second unit on the right, e.g. PSNR in dB beside the pixel RMSE
+            numpy = _numpy_of(c.also)
+            ax.secondary_yaxis("right", functions=numpy).set_ylabel(f"{c.also.name} ({c.also.symbol})")
     ax = axes.pop(0)
     for name in betas:
         ax.scatter(steps, series(name), **style)
@@ -138,3 +142,13 @@ def save_grids(blocks: Sequence[tuple[str, Sequence[Tensor]]], path: Path, label
             step = im.shape[1] / len(rows)
             ax.set_yticks([step * (i + 0.5) for i in range(len(rows))], list(labels))
     return save_figure(fig, path, dpi=100, bbox_inches="tight")
+
+
+def _numpy_of(units) -> tuple:
+    """``units``' conversions applied elementwise to the numpy arrays matplotlib passes."""
+    import numpy as np
+
+    def elementwise(f):
+        return np.vectorize(lambda v: f(float(v)), otypes=[float])
+
+    return elementwise(units.convert), elementwise(units.invert)

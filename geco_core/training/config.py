@@ -121,8 +121,12 @@ class TrainConfig:
     """Optimisation: Adam (fused) with learning rate ``lr``; ``device`` auto picks CUDA when present.
     ``max_nonfinite_steps`` steps in a row with a non-finite loss or gradient (each skipped) stop
     the run as diverged. ``threads``: CPU threads of torch (default: one per core that no other
-    process is running on when the run starts, at least 1). ``compile``: run the model through
-    ``torch.compile`` (GECO's update stays outside)."""
+    process is running on when the run starts, at least 1). ``compile``: compile the step's loss
+    whole (model, objective, GECO, constraints; ``torch.compile(fullgraph=True)``; the model alone
+    under several processes); Adam's step is fused either way. ``validation``: examples held out of the
+    training set (drawn by ``data.seed``, at most a tenth of it) on which every constraint is
+    measured each ``validate_every`` steps; GECO tightens its targets by the generalisation gap it
+    sees there (:meth:`GECO.validate`), so that held-out data meets kappa. 0: no validation."""
 
     steps: int = attrs.field(default=1000, validator=positive)
     batch_size: int = attrs.field(default=64, validator=positive)
@@ -139,18 +143,22 @@ class TrainConfig:
     max_nonfinite_steps: int = attrs.field(default=10, validator=positive)
     threads: int | None = attrs.field(default=None, validator=positive)
     compile: bool = False
+    validation: int = attrs.field(default=1000, validator=non_negative)
+    validate_every: int = attrs.field(default=200, validator=positive)
 
 
 @attrs.frozen
 class LoggingConfig:
     """Where runs go (``dir/name-<time>``) and what they write; ``eval_examples`` held-out examples
-    are evaluated for the final summary."""
+    are evaluated for the final summary. ``mlflow``: track the run in MLflow as well (the extra
+    ``geco-core[mlflow]``; ``$MLFLOW_TRACKING_URI``, else ``dir/mlflow.db``)."""
 
     dir: str = "runs"
     name: str | None = None
     tensorboard: bool = True
     progress: bool = True
     plots: bool = True
+    mlflow: bool = False
     eval_examples: int = attrs.field(default=2000, validator=non_negative)
 
 

@@ -95,7 +95,8 @@ class Experiment:
     optimizer: torch.optim.Optimizer
     batches: Batches
     group: DataParallelGroup = attrs.field(factory=DataParallelGroup)
-    compiled: nn.Module | None = None  # torch.compile(model), when train.compile is set
+    validation: ImageData | None = None  # held out of the training data: GECO's generalisation gap
+    compiled: Callable[[DataBatch, int], tuple[Tensor, Output]] | None = None  # the step's loss, compiled
     ddp: nn.Module | None = None  # model and objective in DistributedDataParallel, on several processes
 
     @property
@@ -122,21 +123,46 @@ class Experiment:
                 "set logging.eval_examples = 0 and logging.plots = false to train without it"
             ) from None
 
+    @functools.cached_property
+    def twins(self) -> list[nn.Module | None]:
+        """Each configured constraint's twin (:meth:`Constraint.twin`: the same constraint judged by
+        an independent network) on the device, or None; built when first asked for."""
+        if self.stack is None:
+            return []
+        twins = [getattr(c, "twin", lambda: None)() for c in self.stack.constraints]
+        return [t.to(self.device).eval() if isinstance(t, nn.Module) else t for t in twins]
+
     def forward(self, batch) -> Output:
         """The model's output in float32 (the model itself runs under autocast when bf16 is set)."""
         bf16 = self.config.train.precision == "bfloat16"
-        model = self.compiled if self.compiled is not None and self.model.training else self.model
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(batch.x, batch.context)
+            out = self.model(batch.x, batch.context)
         return Output(out.logits.float(), out.kl.float()) if bf16 else out
 
     def loss(self, batch: DataBatch, step: int) -> tuple[Tensor, Output]:
-        """The objective's loss on ``batch`` and the model's output (through DistributedDataParallel
-        when there are several processes)."""
+        """The objective's loss on ``batch`` and the model's output: through DistributedDataParallel
+        when there are several processes, compiled whole (model, objective, GECO, constraints) when
+        ``train.compile`` is set."""
         if self.ddp is not None:
             return self.ddp(batch, step)
+        if self.compiled is not None:
+            return self.compiled(batch, step)
+        return self.eager_loss(batch, step)
+
+    def eager_loss(self, batch: DataBatch, step: int) -> tuple[Tensor, Output]:
         out = self.forward(batch)
         return self.objective(out, batch, step), out
+
+    def validate(self, step: int) -> None:
+        """Measure every constraint on the validation split (this process's share of it, with
+        draws of its own seed, so that training's noise is untouched) and hand the means to GECO,
+        which keeps the generalisation gap (:meth:`GECO.validate`)."""
+        if self.geco is None or self.validation is None:
+            return
+        index = torch.arange(self.group.rank, len(self.validation), self.group.world)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.config.train.seed * 1_000_003 + step)
+            self.geco.validate(constraint_values(self, self.validation, index))
 
     def state_dict(self, step: int) -> dict[str, Any]:
         """Everything a resume needs; with several processes every one's RNG state (a collective:
@@ -179,6 +205,9 @@ def build(
     torch.manual_seed(config.train.seed)
     with _named("data"):
         data = load_dataset(config, "train")
+    validation = None
+    if config.train.validation:
+        data, validation = data.split(min(config.train.validation, len(data) // 10), config.data.seed)
     with _named("model"):
         model = _model(config, data).to(dev)
     constraints = []
@@ -188,10 +217,22 @@ def build(
     with _named("objective"):
         objective = _objective(config, constraints).to(dev)
     params = [p for p in [*model.parameters(), *objective.parameters()] if p.requires_grad]
-    batches = Batches(len(data), config.train.batch_size, config.train.seed)
-    exp = Experiment(config, dev, data, model, constraints, objective, adam(params, config.train.lr), batches, group)
+    if dev.type == "cuda" and _fits(data, validation, dev):  # index on the device: no copy per step
+        data = data.to(dev)
+        validation = validation.to(dev) if validation is not None else None
+    batches = Batches(len(data), config.train.batch_size, config.train.seed, str(dev))
+    optimizer = adam(params, config.train.lr)
+    exp = Experiment(config, dev, data, model, constraints, objective, optimizer, batches, group, validation)
     if config.train.compile:
-        exp.compiled = torch.compile(model)
+        stuck = [c.name for c in constraints if not getattr(c, "compilable", True)]
+        if stuck:
+            raise ConfigError(
+                f"train.compile: constraint {stuck[0]!r} cannot be compiled as it is configured (see its options)"
+            )
+        if group.distributed:  # DistributedDataParallel splits the graph at its buckets: the model alone
+            model.compile()
+        else:
+            exp.compiled = torch.compile(exp.eager_loss, fullgraph=True)
     if group.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -201,6 +242,12 @@ def build(
         )
         torch.manual_seed(config.train.seed * 1_000_003 + group.rank)  # each process draws its own noise
     return exp
+
+
+def _fits(data: ImageData, validation: ImageData | None, device: torch.device) -> bool:
+    """Whether the uint8 data take less than a quarter of the device's free memory."""
+    held = [t for d in (data, validation) if d is not None for t in (d.images, d.labels, d.context) if t is not None]
+    return sum(t.numel() * t.element_size() for t in held) < torch.cuda.mem_get_info(device)[0] / 4
 
 
 def adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
@@ -226,6 +273,23 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
+def constraint_values(exp: Experiment, data: ImageData, index: Tensor, batch_size: int = 500, on_batch=None) -> Tensor:
+    """Every constraint component's value for the examples ``index`` of ``data`` (``(n, L)``, on the
+    device), one forward pass (one posterior draw) per batch in eval mode; ``on_batch(batch, out)``
+    sees each, for measures of the same pass."""
+    values = []
+    with evaluating(exp.model, exp.objective, *exp.constraints):
+        for start in range(0, len(index), batch_size):
+            batch = data.batch(index[start : start + batch_size], exp.device)
+            out = exp.forward(batch)
+            if on_batch is not None:
+                on_batch(batch, out)
+            if exp.stack is not None:
+                values.append(exp.stack.evaluate(constraint_batch(out, batch)).float())
+    width = exp.stack.num_components if exp.stack is not None else 0
+    return torch.cat(values) if values else torch.zeros(0, width, device=exp.device)
+
+
 def evaluate_heldout(
     exp: Experiment,
     data: ImageData,
@@ -234,22 +298,29 @@ def evaluate_heldout(
     on_batch: Callable[[DataBatch, Output], None] | None = None,
 ) -> dict[str, Any]:
     """Mean KL (nats), pixel RMSE and each constraint's mean value (``(L,)``) on the first ``n``
-    examples of ``data``, one forward pass (one posterior draw) per batch; ``on_batch(batch, out)``
-    sees each, for measures of the same pass."""
+    examples of ``data``, one forward pass (one posterior draw) per batch; where a constraint has a
+    twin (:attr:`Experiment.twins`), its mean under the twin as well (``twin_means``, NaN for the
+    others). ``on_batch(batch, out)`` sees each batch, for measures of the same pass."""
     n = min(n, len(data))
-    kl = sq = 0.0
-    values: list[Tensor] = []
-    with evaluating(exp.model, exp.objective, *exp.constraints):
-        for start in range(0, n, batch_size):
-            batch = data.batch(torch.arange(start, min(n, start + batch_size)), exp.device)
-            out = exp.forward(batch)
-            if on_batch is not None:
-                on_batch(batch, out)
-            kl += float(out.kl.sum())
-            sq += float((batch.x - out.x_hat).square().flatten(1).mean(1).sum())
-            if exp.stack is not None:
-                values.append(exp.stack.evaluate(constraint_batch(out, batch)).sum(0))
+    kl_sq = torch.zeros(2, dtype=torch.float64, device=exp.device)
+    twins = exp.twins if any(t is not None for t in exp.twins) else []
+    twin_sums = [torch.zeros(c.dim, device=exp.device) for c in exp.stack.constraints] if twins else []
+
+    def measure(batch: DataBatch, out: Output) -> None:
+        kl_sq[0] += out.kl.double().sum()
+        kl_sq[1] += (batch.x - out.x_hat).square().flatten(1).mean(1).double().sum()
+        for twin, total in zip(twins, twin_sums):
+            if twin is not None:
+                total += twin(constraint_batch(out, batch)).sum(0).float()
+        if on_batch is not None:
+            on_batch(batch, out)
+
+    values = constraint_values(exp, data, torch.arange(n), batch_size, measure)
+    kl, sq = kl_sq.tolist()
     result: dict[str, Any] = {"examples": n, "kl": kl / n, "rmse": math.sqrt(sq / n)}
-    if values:
-        result["constraint_means"] = (torch.stack(values).sum(0) / n).cpu()
+    if exp.stack is not None:
+        result["constraint_means"] = values.mean(0).cpu()
+    if twins:
+        means = [total / n if t is not None else torch.full_like(total, math.nan) for t, total in zip(twins, twin_sums)]
+        result["twin_means"] = torch.cat(means).cpu()
     return result

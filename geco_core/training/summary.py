@@ -19,7 +19,7 @@ from geco_core.state import MANY, overview
 from geco_core.training.experiment import Experiment, evaluate_heldout, evaluating
 from geco_core.training.trainer_state import TrainerState
 
-__all__ = ["summarise", "constraint_rows", "grid_rows", "format_summary"]
+__all__ = ["summarise", "constraint_rows", "advice", "grid_rows", "format_summary", "second_unit"]
 
 GRID_EXAMPLES = 8
 
@@ -31,6 +31,8 @@ def constraint_rows(exp: Experiment, heldout: dict[str, Any] | None) -> list[dic
         return []
     means = heldout.get("constraint_means") if heldout else None
     test_reached = stack.reached(means).tolist() if means is not None else None
+    twin_means = heldout.get("twin_means") if heldout else None
+    twin_reached = stack.reached(twin_means).tolist() if twin_means is not None else None
     states = exp.geco.state().by_constraint() if exp.geco is not None else {}
     index = stack.split(torch.arange(stack.num_components))
     rows = []
@@ -60,8 +62,40 @@ def constraint_rows(exp: Experiment, heldout: dict[str, Any] | None) -> list[dic
                     row["heldout_reached"] = test_reached[i]
                 if not group:
                     row["status"] = "met" if means[i] <= 0 else "violated"
+            if twin_means is not None and not math.isnan(twin_means[i]):
+                row["heldout_twin_value"] = float(twin_means[i])
+                if not math.isnan(twin_reached[i]):
+                    row["heldout_twin_reached"] = twin_reached[i]
+                row["twin_status"] = "met" if twin_means[i] <= 0 else "violated"
+            also = getattr(constraint, "also", None)
+            if also is not None:
+                row["also"] = {"name": also.name, "symbol": also.symbol}
+                for key in ("kappa", "reached", "heldout_reached", "best"):
+                    if row.get(key) is not None:
+                        row[f"{key}_{also.name}"] = also.convert(row[key])
             rows.append(row)
     return rows
+
+
+def advice(rows: list[dict[str, Any]], config_name: str) -> list[str]:
+    """What a user can do about each unreachable component, and each met under its own network
+    but not under its twin: one line each."""
+    lines = []
+    for r in rows:
+        if r.get("status") == "unreachable":
+            lines.append(
+                f"{r['component']}: kappa {r['kappa']:g} is out of reach at this budget; the best it reached was "
+                f"{r['best']:.4g} at step {r['best_step']}. Choose a reachable kappa with `geco find-kappa "
+                f"{config_name}`, give it more train.steps, or let lambda grow further (controller max_factor)."
+            )
+        if r.get("twin_status") == "violated" and r.get("heldout_value", 1.0) <= 0:
+            twin = r.get("heldout_twin_reached", r.get("heldout_twin_value"))
+            lines.append(
+                f"{r['component']}: met under its own network, not under its twin (held-out {twin:.4g} vs kappa "
+                f"{r['kappa']:g}): the reconstructions fool the network rather than satisfy the constraint; "
+                "stack it with a pixel constraint (re)."
+            )
+    return lines
 
 
 def grid_rows(exp: Experiment, data, n: int = GRID_EXAMPLES) -> tuple[list[torch.Tensor], list[str]]:
@@ -84,6 +118,7 @@ def summarise(trainer: TrainerState) -> dict[str, Any]:
     split, data = exp.heldout if cfg.logging.eval_examples else (None, None)
     heldout = evaluate_heldout(exp, data, cfg.logging.eval_examples) if data is not None else None
     records = trainer.records
+    rows = constraint_rows(exp, heldout)
     return {
         "run": str(trainer.run.path),
         "status": trainer.status,
@@ -100,7 +135,8 @@ def summarise(trainer: TrainerState) -> dict[str, Any]:
         "heldout": None
         if heldout is None
         else {"split": split, "examples": heldout["examples"], "kl": heldout["kl"], "rmse": heldout["rmse"]},
-        "constraints": constraint_rows(exp, heldout),
+        "constraints": rows,
+        "advice": advice(rows, str(trainer.run.path / "config.toml")),
         "plots": dict(trainer.artifacts.get("plots", {})),
     }
 
@@ -126,9 +162,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             table.append(
                 (
                     r["component"],
-                    _fmt(r.get("kappa")),
-                    _fmt(r.get("reached")),
-                    _fmt(r.get("heldout_reached", r.get("heldout_value"))),
+                    _fmt(r.get("kappa")) + second_unit(r, "kappa"),
+                    _fmt(r.get("reached")) + second_unit(r, "reached"),
+                    _fmt(r.get("heldout_reached", r.get("heldout_value"))) + second_unit(r, "heldout_reached"),
                     state,
                     _fmt(r.get("lambda", r.get("lambda_median")), ".3g"),
                     _fmt(r.get("beta"), ".3g"),
@@ -137,6 +173,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         widths = [max(len(t[i]) for t in table) for i in range(len(header))]
         lines.append("")
         lines += ["  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip() for t in table]
+        twins = [r for r in rows if "twin_status" in r]
+        lines += [
+            f"{r['component']} under its twin network (another seed): held-out "
+            f"{_fmt(r.get('heldout_twin_reached', r.get('heldout_twin_value')))} ({r['twin_status']})"
+            for r in twins
+        ]
+        lines += summary.get("advice") or []
     final, held = summary["final"], summary["heldout"]
     lines.append("")
     if final:
@@ -151,6 +194,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary["plots"]:
         lines.append("plots: " + "\n       ".join(summary["plots"].values()))
     return "\n".join(lines)
+
+
+def second_unit(row: dict[str, Any], key: str) -> str:
+    """`` (20.0 dB)``: the row's value of ``key`` in its constraint's second unit, if it has one."""
+    also = row.get("also")
+    value = row.get(f"{key}_{also['name']}") if also else None
+    return "" if value is None else f" ({value:.1f} {also['symbol']})"
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:

@@ -1,9 +1,12 @@
-"""Run folders written by geco 0.1.0: their resolved config, as this version reads it.
+"""Run folders written by earlier versions: their resolved config, as this version reads it, so
+that they resume exactly as they were trained.
 
-geco 0.1.0 wrote every objective's options into one ``[objective]`` table and had no multiplier
-controllers. On reading, its options go to the tables of the objectives that take them, and its
-GECO runs keep Algorithm 1 (``controller = "paper"``) and the paper's CLA (``form =
-"probability"``), as they were trained.
+* Before validation existed (no ``train.validation``): no validation split (``validation = 0``),
+  and the controllers' ``margin`` keeps its old default 0.02.
+* geco 0.1.0 also wrote every objective's options into one ``[objective]`` table and had no
+  multiplier controllers: its options go to the tables of the objectives that take them, and its
+  GECO runs keep Algorithm 1 (``controller = "paper"``) and the paper's CLA (``form =
+  "probability"``).
 """
 
 from __future__ import annotations
@@ -24,12 +27,25 @@ LEGACY_OPTIONS = {
 }
 
 
+#: controllers whose ``margin`` defaulted to 0.02 before validation existed
+MARGIN_CONTROLLERS = ("scaled", "restart", "nupi", "normalised")
+
+
 def upgrade_resolved(data: dict[str, Any]) -> dict[str, Any]:
     """A run folder's config document as this version writes it (module docstring); a document of
     this version is returned as it is."""
     objective = data.get("objective")
     if not isinstance(objective, dict):
         return data
+    train = data.setdefault("train", {})
+    if isinstance(train, dict) and "validation" not in train:  # trained before validation existed
+        train["validation"] = 0
+        geco = objective.get("geco")
+        controller = geco.get("controller") if isinstance(geco, dict) else None
+        if isinstance(controller, str) and controller in MARGIN_CONTROLLERS:
+            geco["controller"] = {"name": controller, "margin": 0.02}
+        elif isinstance(controller, dict) and controller.get("name") in MARGIN_CONTROLLERS:
+            controller.setdefault("margin", 0.02)
     # a legacy option is a plain value; ``beta`` as a table is ``[objective.beta]`` of this version
     keys = {key for key in LEGACY_OPTIONS.keys() & objective.keys() if not isinstance(objective[key], dict)}
     if not keys:

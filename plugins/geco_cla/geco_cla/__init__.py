@@ -27,7 +27,6 @@ The classifier is in eval mode and gets no gradient, but gradients flow through 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -47,7 +46,8 @@ class ClassifierAccuracy(Constraint):
         kappa: the probability the classifier must give the true class, in (0, 1) (e.g. 0.9).
         form: ``"log"`` (``log kappa - log p``, default) or ``"probability"`` (``kappa - p``, the
             paper's); see the module docstring.
-        weights: a safetensors file of the same architecture; default the shipped MNIST classifier.
+        weights: a safetensors file of the same architecture; default (``"shipped"``) the shipped
+            MNIST classifier; ``"twin"`` its twin, trained the same way with another seed.
         use_labels: take the true class from the batch's labels where present (default); otherwise
             from the classifier's prediction on the target.
         image_shape: ``(C, 28, 28)``; C digits stacked as channels give C components.
@@ -78,7 +78,9 @@ class ClassifierAccuracy(Constraint):
             self.value_scale, self.multiplier_scale = -math.log(kappa), 1.0
         else:
             self.value_scale, self.multiplier_scale = 1 - kappa, 1 / (1 - kappa)
-        self.classifier = freeze(load_classifier(Path(weights) if weights else None))
+        self.weights = weights
+        self.image_shape = image_shape
+        self.classifier = freeze(load_classifier(weights))
 
     def forward(self, batch: Batch) -> Tensor:
         x, x_hat = batch.x, batch.x_hat
@@ -102,6 +104,15 @@ class ClassifierAccuracy(Constraint):
         if labels.shape[1] != c:
             raise ValueError(f"cla: {labels.shape[1]} label(s) per example for {c} channel(s) of digits")
         return labels.long()
+
+    def twin(self) -> ClassifierAccuracy | None:
+        """The same constraint under the shipped classifier's twin (the same recipe, seed 1): a
+        reconstruction that only fools the first classifier is caught by the second. None for
+        weights of your own."""
+        if self.weights not in (None, "shipped"):
+            return None
+        image_shape = self.image_shape or (self.dim, 28, 28)
+        return ClassifierAccuracy(self.kappa, self.form, "twin", self.use_labels, image_shape)
 
     def reached(self, values: Tensor) -> Tensor:
         """The probability of the true class that mean constraint values stand for: the geometric

@@ -3,7 +3,8 @@
 Four 3x3 convolutions (32, 32, 64, 64 channels) with batch norm and ReLU, two 2x2 max-pools, global
 average pooling and a linear layer to 10 logits: 66k parameters, 28x28 inputs with pixels in [0, 1].
 The shipped weights were trained by ``python -m geco_cla.train`` (see the README for the command and
-the accuracy) and are verified against ``WEIGHTS_SHA256`` when loaded.
+the accuracy) and are verified against ``WEIGHTS_SHA256`` when loaded; so is the twin's (``--seed
+1``), the independent judge summaries use (:meth:`ClassifierAccuracy.twin`).
 """
 
 from __future__ import annotations
@@ -15,10 +16,16 @@ from torch import Tensor, nn
 from geco_core import ConfigError
 from geco_core.weights import load_safetensors
 
-__all__ = ["DigitClassifier", "load_classifier", "WEIGHTS", "WEIGHTS_SHA256"]
+__all__ = ["DigitClassifier", "load_classifier", "WEIGHTS", "WEIGHTS_SHA256", "SHIPPED"]
 
 WEIGHTS = Path(__file__).with_name("mnist_classifier.safetensors")
 WEIGHTS_SHA256 = "44ea8dd728d21467decae66bf08a5019483f09fee3cf31f67da67099a98ef9df"
+TWIN_SHA256 = "0d7e805774f6002c3f429e4cf0a94d88fbcf95ae62d868efeda868ae63880d1d"
+#: the shipped classifiers by name: the one CLA uses, and its twin (the same recipe, seed 1)
+SHIPPED = {
+    "shipped": (WEIGHTS, WEIGHTS_SHA256),
+    "twin": (WEIGHTS.with_name("mnist_classifier_twin.safetensors"), TWIN_SHA256),
+}
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics, pixels in [0, 1]
 
 
@@ -41,15 +48,11 @@ class DigitClassifier(nn.Module):
 
 
 def load_classifier(path: str | Path | None = None) -> DigitClassifier:
-    """The shipped classifier (checksum verified), or the weights at ``path`` (safetensors, same
-    architecture, e.g. trained by ``python -m geco_cla.train --dataset fashion-mnist``)."""
-    shipped = not path
-    state, _ = load_safetensors(
-        WEIGHTS if shipped else Path(path),
-        owner="cla",
-        sha256_expected=WEIGHTS_SHA256 if shipped else None,
-        distribution="geco-cla",
-    )
+    """The shipped classifier (``None`` or ``"shipped"``) or its twin (``"twin"``), checksums
+    verified, or the weights at ``path`` (safetensors, same architecture, e.g. trained by
+    ``python -m geco_cla.train --dataset fashion-mnist``)."""
+    file, sha = SHIPPED.get(str(path or "shipped"), (Path(str(path)), None))
+    state, _ = load_safetensors(file, owner="cla", sha256_expected=sha, distribution="geco-cla")
     model = DigitClassifier()
     try:
         model.load_state_dict(state)

@@ -61,6 +61,8 @@ class FeatureReconstructionError(Constraint):
         if not stages or any(not isinstance(s, int) or not 0 <= s <= 4 for s in stages):
             raise ConfigError(f"fre: stages must be ResNet stage indices in 0..4, got {stages!r}")
         self.kappa, self.cache, self.stages = kappa, bool(cache), tuple(stages)
+        self.compilable = not self.cache  # the cache's bookkeeping depends on the data: no whole graph
+        self.weights, self.arch, self.image_shape = weights, arch, image_shape
         self.features = freeze(build_feature_network(weights, arch, self.stages))
         self.dim = 1
         self.value_scale = kappa**2
@@ -128,6 +130,13 @@ class FeatureReconstructionError(Constraint):
         b = x.shape[0]
         errors = [(f - t).square().reshape(b, -1).mean(1) for f, t in zip(self._features(x_hat), target)]
         return (torch.stack(errors, 1).mean(1, keepdim=True)) - self.kappa**2
+
+    def twin(self) -> FeatureReconstructionError | None:
+        """The same constraint under the shipped stages' twin (the same recipe, seed 1); None for
+        other weights."""
+        if self.weights != "shipped":
+            return None
+        return FeatureReconstructionError(self.kappa, "twin", self.arch, self.stages, False, self.image_shape)
 
     def reached(self, values: Tensor) -> Tensor:
         """The feature RMSE that constraint values stand for: ``sqrt(value + kappa^2)``."""

@@ -7,6 +7,8 @@ stride 2, 64 channels; 1 = after ``layer1``, stride 4, 64 channels; 2-4 the late
 - ``"shipped"``: a ``resnet18`` with one input channel trained on Fashion-MNIST by
   ``python -m geco_fre.train``; only ``conv1``, ``bn1`` and ``layer1`` are shipped (stages 0 and 1),
   verified against ``WEIGHTS_SHA256``;
+- ``"twin"``: the same, trained with ``--seed 1``: the independent judge of summaries
+  (:meth:`FeatureReconstructionError.twin`);
 - ``"timm"``: timm's pretrained ImageNet weights for ``arch`` (three input channels), where the
   network allows the download;
 - a path to a safetensors file with the (kept stages') weights of ``arch``.
@@ -26,10 +28,16 @@ from geco_core import ConfigError
 from geco_core.compat import import_timm
 from geco_core.weights import load_safetensors
 
-__all__ = ["FeatureNetwork", "build_feature_network", "probe_accuracy", "WEIGHTS", "WEIGHTS_SHA256"]
+__all__ = ["FeatureNetwork", "build_feature_network", "probe_accuracy", "WEIGHTS", "WEIGHTS_SHA256", "SHIPPED"]
 
 WEIGHTS = Path(__file__).with_name("fashion_resnet18_stages.safetensors")
 WEIGHTS_SHA256 = "e3021eac64bc0eaea047976e3ed532d3ee816a305fa10699beaf9584c8ef6717"
+TWIN_SHA256 = "8c6fb96376468980730cf4e2747486c20fb2daa3c8d81de7cb3e0c6365e83e9a"
+#: the shipped stages by name: those FRE uses, and their twin (the same recipe, seed 1)
+SHIPPED = {
+    "shipped": (WEIGHTS, WEIGHTS_SHA256),
+    "twin": (WEIGHTS.with_name("fashion_resnet18_stages_twin.safetensors"), TWIN_SHA256),
+}
 IMAGENET = ((0.485 + 0.456 + 0.406) / 3, (0.229 + 0.224 + 0.225) / 3)  # grey-level mean and std
 
 
@@ -57,13 +65,10 @@ def build_feature_network(weights: str = "shipped", arch: str = "resnet18", stag
                 'use weights = "shipped" or a safetensors file'
             ) from None
         return FeatureNetwork(body, 3, *IMAGENET)
-    shipped = weights == "shipped"
-    path = WEIGHTS if shipped else Path(weights)
+    path, sha = SHIPPED.get(weights, (Path(weights), None))
     if not path.is_file():
-        raise ConfigError(f"fre: no feature weights at {path} (weights is 'shipped', 'timm' or a file)")
-    state, meta = load_safetensors(
-        path, owner="fre", sha256_expected=WEIGHTS_SHA256 if shipped else None, distribution="geco-fre"
-    )
+        raise ConfigError(f"fre: no feature weights at {path} (weights is 'shipped', 'twin', 'timm' or a file)")
+    state, meta = load_safetensors(path, owner="fre", sha256_expected=sha, distribution="geco-fre")
     if "conv1.weight" not in state:
         raise ConfigError(f"fre: {path} holds no ResNet stem (conv1.weight)")
     in_chans = state["conv1.weight"].shape[1]

@@ -2,8 +2,10 @@
 
     C(x, x_hat) = mean over pixels of (x - x_hat)^2  -  kappa^2          (<= 0 when met)
 
-kappa is a root-mean-square error per pixel, for pixels in [0, 1] (the paper uses 0.06 to 0.175).
-The paper's table writes a sum over pixels; the mean makes kappa independent of the image size.
+kappa is a root-mean-square error per pixel, for pixels in [0, 1] (the paper uses 0.06 to 0.175);
+``kappa_psnr`` gives it as a peak signal-to-noise ratio in dB instead, ``PSNR = -20 log10(RMSE)``
+(20 dB is an RMSE of 0.1, 30 dB of 0.032). Summaries, ``geco eval`` and plots show both. The
+paper's table writes a sum over pixels; the mean makes kappa independent of the image size.
 
 Scales (for GECO's controllers): a change of kappa^2 in the mean squared error is a meaningful one
 (``value_scale``); the natural multiplier is ``D / (2 kappa^2)`` for D pixels per component
@@ -16,11 +18,21 @@ import math
 
 from torch import Tensor
 
-from geco_core import Batch, ConfigError, Constraint, check_kappa, check_same_shape, hookimpl
+from geco_core import Batch, ConfigError, Constraint, Units, check_kappa, check_same_shape, hookimpl
 
-__all__ = ["ReconstructionError"]
+__all__ = ["ReconstructionError", "psnr", "rmse"]
 
 PER = ("image", "channel", "pixel")
+
+
+def psnr(rmse: float) -> float:
+    """The peak signal-to-noise ratio in dB of a pixel RMSE (pixels in [0, 1]): ``-20 log10(rmse)``."""
+    return -20 * math.log10(rmse) if rmse > 0 else math.inf
+
+
+def rmse(psnr_db: float) -> float:
+    """The pixel RMSE of a PSNR in dB: ``10 ** (-psnr / 20)``."""
+    return 10 ** (-psnr_db / 20)
 
 
 class ReconstructionError(Constraint):
@@ -28,6 +40,8 @@ class ReconstructionError(Constraint):
 
     Args:
         kappa: the tolerated root-mean-square pixel error, > 0 (pixels in [0, 1]).
+        kappa_psnr: the same as a peak signal-to-noise ratio in dB (pixels in [0, 1]), instead of
+            ``kappa``: ``kappa = 10 ** (-kappa_psnr / 20)``.
         per: ``"image"`` bounds the error over the whole image (one component); ``"channel"``
             bounds each channel's error (C components); ``"pixel"`` bounds every dimension
             independently (C*H*W components), the paper's "bound the reconstruction error
@@ -38,9 +52,22 @@ class ReconstructionError(Constraint):
 
     name = "re"
     units = "pixel RMSE (pixels in [0, 1])"
+    also = Units("psnr", "dB", psnr, rmse)
 
-    def __init__(self, kappa: float, per: str = "image", image_shape: tuple[int, int, int] | None = None) -> None:
+    def __init__(
+        self,
+        kappa: float | None = None,
+        per: str = "image",
+        image_shape: tuple[int, int, int] | None = None,
+        kappa_psnr: float | None = None,
+    ) -> None:
         super().__init__()
+        if (kappa is None) == (kappa_psnr is None):
+            raise ConfigError("re: give kappa (a pixel RMSE, e.g. 0.1) or kappa_psnr (in dB, e.g. 20), one of them")
+        if kappa_psnr is not None:
+            if not isinstance(kappa_psnr, int | float) or isinstance(kappa_psnr, bool) or not 0 < kappa_psnr < math.inf:
+                raise ConfigError(f"re: kappa_psnr must be a PSNR in dB > 0 (e.g. 20), got {kappa_psnr!r}")
+            kappa = rmse(kappa_psnr)
         kappa = check_kappa("re", kappa, 0.0, what="a pixel RMSE > 0 (e.g. 0.1)")
         if per not in PER:
             raise ConfigError(f"re: per must be one of {', '.join(PER)}; got {per!r}")

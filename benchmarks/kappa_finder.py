@@ -1,0 +1,185 @@
+"""The kappa finder, measured: what ``geco find-kappa`` predicts against what GECO runs and fixed
+multipliers reach at the same budget.
+
+    GECO_DATA=../shared/data OMP_NUM_THREADS=1 .venv/bin/python benchmarks/kappa_finder.py \\
+        --out runs/multipliers --jobs 2 [--configs mnist-geco-re] [--steps 2000]
+
+Per config (``CONFIGS``, each with three kappa, one near the floor): one finder run of ``--steps``
+steps predicting for runs of as many steps; a GECO run (the default controller) at each kappa; and
+fixed multipliers (``FIXED``: lambda = factor * the natural scale, never moving; the multiplier
+benchmark's frontier, shared with it through ``--out``). Reports:
+
+* per kappa: the KL the finder predicts against the held-out KL of the GECO run (target: within
+  +-25%), and the GECO run's held-out value;
+* the finder's reachable floor against the best held-out value any fixed lambda or GECO run of the
+  config reached (target: within 3%, in kappa's units);
+* the suggested kappa and the fixed-lambda frontier's KL there; the finder's wall time against a
+  GECO run's (target: at most one run).
+
+Runs are cached (``bench.json``, ``kappa.json``) and reused by a second invocation. Writes
+``OUT/kappa_finder.md`` and ``OUT/kappa_finder.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from multipliers import cell_config, frontier_cell, frontier_kl, run_cell  # noqa: E402
+
+#: config stem -> the multiplier benchmark's cells of three kappa, the first near the reachable floor
+CONFIGS: dict[str, tuple[str, str, str]] = {
+    "mnist-geco-re": ("mnist-k0.07", "mnist-k0.085", "mnist-k0.1"),
+    "color-mnist-geco-re": ("color-mnist-k0.11", "color-mnist-k0.125", "color-mnist-k0.15"),
+    "mnist-geco-pncc": ("pncc-k0.93", "pncc-k0.9", "pncc"),
+    "mnist-geco-fre": ("fre-k0.25", "fre-k0.3", "fre"),
+}
+#: per config, a GECO run at a kappa out of reach: lambda climbs to its ceiling, the run that pushes
+#: hardest at this budget (the floor's truth: the best any fixed lambda or GECO run reaches)
+OUT_OF_REACH = {
+    "mnist-geco-re": "mnist-k0.06",
+    "color-mnist-geco-re": "color-mnist-k0.1",
+    "mnist-geco-pncc": "pncc-k0.97",
+    "mnist-geco-fre": "fre-k0.15",
+}
+#: fixed lambda = factor * natural scale: the multiplier benchmark's frontier and a high one
+FIXED = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
+
+
+def run_finder(out: str, stem: str, steps: int) -> dict[str, Any]:
+    """The finder on the config as the benchmark runs it (alpha 0.9, ``steps`` steps); cached."""
+    import torch
+
+    torch.set_num_threads(1)
+    from geco_core.evaluation.kappa import find_kappa
+    from geco_core.training import Config
+
+    folder = Path(out) / f"finder-{stem}"
+    if (folder / "kappa.json").is_file():
+        return json.loads((folder / "kappa.json").read_text())
+    doc = cell_config(frontier_cell(f"{stem}.toml"), "restart", 0, steps)
+    doc["logging"]["progress"] = False
+    t0 = time.perf_counter()
+    result = find_kappa(config=Config.from_dict(doc), run_dir=folder)
+    result["wall_seconds"] = time.perf_counter() - t0
+    (folder / "kappa.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _timed_geco(out: str, name: str, steps: int) -> dict[str, Any]:
+    """A GECO run of the default controller at a cell, with its wall time (setup and final
+    evaluation included) where it was trained now."""
+    path = Path(out) / name / "restart-s0" / "bench.json"
+    fresh = not path.is_file()
+    t0 = time.perf_counter()
+    row = run_cell(out, name, "restart", 0, steps)
+    if fresh:
+        row["wall_seconds"] = time.perf_counter() - t0
+        path.write_text(json.dumps(row, indent=1))
+    return row
+
+
+def report(out: Path, steps: int) -> tuple[str, list[dict[str, Any]]]:
+    rows: list[dict[str, Any]] = []
+    lines = [
+        "| config | κ | GECO held-out | GECO KL | predicted KL | predicted / GECO | within ±25% |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    floors = [
+        "| config | finder floor | best held-out (any fixed λ or GECO run) | by | difference | within 3% |",
+        "|---|---|---|---|---|---|",
+    ]
+    knees = [
+        "| config | suggested κ | frontier KL there | finder s | GECO run s | finder / run |",
+        "|---|---|---|---|---|---|",
+    ]
+    from geco_core.evaluation.kappa import analyse, predict_kl
+
+    for stem, cells in CONFIGS.items():
+        finder_path = out / f"finder-{stem}" / "kappa.json"
+        if not finder_path.is_file():
+            continue
+        finder = json.loads(finder_path.read_text())  # analysed again: the points are what was measured
+        finder["constraints"] = analyse(finder["points"], finder["constraints"], finder["budget"], finder["hold_steps"])
+        name, c = next(iter(finder["constraints"].items()))
+        direction = -1 if c["direction"].startswith("lower") else 1
+        geco_rows, fixed_rows = [], []
+        for name_ in cells:
+            path = out / name_ / "restart-s0" / "bench.json"
+            if path.is_file():
+                geco_rows.append(json.loads(path.read_text()))
+        pushed = out / OUT_OF_REACH[stem] / "restart-s0" / "bench.json"
+        pushing = [json.loads(pushed.read_text())] if pushed.is_file() else []
+        for factor in FIXED:
+            path = out / frontier_cell(f"{stem}.toml") / f"fixed-{factor:g}-s0" / "bench.json"
+            if path.is_file():
+                fixed_rows.append(json.loads(path.read_text()))
+        for g in geco_rows:
+            predicted = predict_kl(c, g["kappa"])
+            ratio = predicted / g["kl"] if predicted and g["kl"] > 0 else None
+            ok = ratio is not None and 0.75 <= ratio <= 1.25
+            rows.append({"config": stem, "kappa": g["kappa"], "geco": g, "predicted_kl": predicted, "ratio": ratio})
+            lines.append(
+                f"| {stem} | {g['kappa']:g} | {g['heldout']:.4f} | {g['kl']:.1f} | {_f(predicted, '.1f')} | "
+                f"{_f(ratio, '.2f')} | {'yes' if ok else 'no'} |"
+            )
+        reached = [(r["heldout"], f"fixed {r['controller'][6:]}") for r in fixed_rows] + [
+            (r["heldout"], f"GECO κ {r['kappa']:g}") for r in [*geco_rows, *pushing]
+        ]
+        if reached and c["floor"] is not None:
+            best, by = min(reached, key=lambda r: direction * -r[0])
+            diff = (c["floor"] - best) / best
+            verdict = "yes" if abs(diff) <= 0.03 else "no"
+            floors.append(f"| {stem} | {c['floor']:.4f} | {best:.4f} | {by} | {diff:+.1%} | {verdict} |")
+            rows.append({"config": stem, "floor": c["floor"], "best": best, "by": by, "difference": diff})
+        front = frontier_kl(fixed_rows, c["suggested_kappa"]) if c["suggested_kappa"] is not None else None
+        geco_seconds = [g.get("wall_seconds") or g["seconds"] for g in geco_rows]
+        run_s = sum(geco_seconds) / len(geco_seconds) if geco_seconds else None
+        finder_s = finder.get("wall_seconds")
+        knees.append(
+            f"| {stem} | {_f(c['suggested_kappa'], '.4g')} | {_f(front, '.1f')} | {_f(finder_s, '.0f')} | "
+            f"{_f(run_s, '.0f')} | {_f(finder_s / run_s if finder_s and run_s else None, '.2f')} |"
+        )
+    text = "\n".join(lines) + "\n\n" + "\n".join(floors) + "\n\n" + "\n".join(knees) + "\n"
+    return text, rows
+
+
+def _f(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/multipliers")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)))
+    args = parser.parse_args()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = []
+        for stem in args.configs:
+            futures.append(pool.submit(run_finder, args.out, stem, args.steps))
+            cells = [*CONFIGS[stem], OUT_OF_REACH[stem]]
+            futures += [pool.submit(_timed_geco, args.out, name, args.steps) for name in cells]
+            futures += [
+                pool.submit(run_cell, args.out, frontier_cell(f"{stem}.toml"), f"fixed-{f:g}", 0, args.steps)
+                for f in FIXED
+            ]
+        for fut in futures:
+            fut.result()
+            print("done:", len([f for f in futures if f.done()]), "of", len(futures), flush=True)
+    text, rows = report(Path(args.out), args.steps)
+    (Path(args.out) / "kappa_finder.md").write_text(text)
+    (Path(args.out) / "kappa_finder.json").write_text(json.dumps(rows, indent=1, default=str))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

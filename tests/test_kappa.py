@@ -1,0 +1,340 @@
+"""Choosing kappa: the finder (its ramp, its analysis, its curve against a closed-form frontier), the
+validation split and the generalisation gap GECO aims by, kappa in dB, the warning for a kappa
+below a finder's floor, and the independent judge of learned constraints."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from helpers import needs_plugins, run_geco
+from test_training import TINY, config
+
+from geco_core import GECO, ConfigError, create_constraint
+from geco_core.controllers import Ramp
+from geco_core.data import ImageData
+from geco_core.evaluation import kappa as finder
+from geco_core.geco import CONFIDENCE
+from geco_core.models.base import DiagonalGaussian, Output
+from geco_core.models.vae import GaussianVAE
+from geco_core.plugins import Entry, registry
+from geco_core.training import Config, train
+
+# --- the ramp ------------------------------------------------------------------------------------
+
+
+def test_the_ramp_climbs_as_restart_does_holds_then_falls_exponentially():
+    ramp = Ramp(steps=1000, start=1e-3, rate=0.05, high=100.0, hold=0.5, low=3e-3)
+    factor = lambda step: float(ramp.factor(torch.tensor(float(step))))  # noqa: E731
+    assert factor(0) == pytest.approx(1e-3) and factor(10) == pytest.approx(1e-3 * math.exp(0.5))
+    climb = math.log(100 / 1e-3) / 0.05  # updates to the top
+    assert factor(math.ceil(climb)) == pytest.approx(100.0) and factor(499) == pytest.approx(100.0)
+    assert factor(500) == pytest.approx(100.0) and factor(999) == pytest.approx(3e-3)
+    middle = 500 + (999 - 500) / 2  # halfway down in log lambda
+    assert factor(middle) == pytest.approx(math.sqrt(100.0 * 3e-3))
+    with pytest.raises(ConfigError, match="ramp needs"):
+        Ramp(steps=10, high=1.0, low=2.0)
+
+
+# --- the analysis --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("v_inf, a, b", [(0.06, 0.8, 0.5), (0.9, -0.5, 0.7), (0.2, 3.0, 1.2)])
+def test_the_floor_is_the_learning_curve_extrapolated_to_the_budget(v_inf, a, b):
+    points = [(t, v_inf + a * t**-b) for t in range(500, 1001, 40)]
+    floor, fit = finder._power_law_floor(points, 2000)
+    assert floor == pytest.approx(v_inf + a * 2000**-b, rel=1e-3)
+    assert fit["b"] == pytest.approx(b, abs=0.05)
+    assert finder._power_law_floor(points[:3], 2000) == (None, {})  # too few points to fit
+
+
+def test_the_envelope_keeps_for_each_value_the_least_kl_of_any_point_at_least_as_tight():
+    points = [(0.10, 30.0), (0.09, 45.0), (0.095, 50.0), (0.12, 20.0), (0.11, 35.0), (0.08, 60.0)]
+    assert finder._envelope(points, -1) == [(0.12, 20.0), (0.10, 30.0), (0.09, 45.0), (0.08, 60.0)]
+    higher = [(0.8, 5.0), (0.9, 12.0), (0.85, 20.0), (0.95, 30.0)]  # a lower bound (pNCC): higher is tighter
+    assert finder._envelope(higher, 1) == [(0.8, 5.0), (0.9, 12.0), (0.95, 30.0)]
+
+
+def test_the_knee_is_where_a_further_percent_costs_more_than_knee_percent_of_kl():
+    """On KL = c * v^-E: elasticity E per 1%; the knee sits where E crosses KNEE / 1%."""
+    steep = 2 * math.log(1 + finder.KNEE) / math.log(1.01)  # twice the knee's elasticity
+    mild = 0.5 * math.log(1 + finder.KNEE) / math.log(1.01)
+    values = [0.2 * 0.97**i for i in range(30)]  # loose to tight, 3% apart
+    knee_at = values[15]
+
+    def kl(v: float) -> float:
+        mild_part = (min(v, values[0]) / values[0]) ** -mild if v >= knee_at else (knee_at / values[0]) ** -mild
+        return 10 * mild_part * (min(v, knee_at) / knee_at) ** -steep
+
+    kls = [kl(v) for v in values]
+    assert finder._knee(list(zip(values, kls)), 0.0) == pytest.approx(knee_at)
+
+
+def test_predictions_interpolate_log_linearly_and_say_what_lies_beyond_the_curve():
+    result = {
+        "direction": "lower is tighter",
+        "floor": 0.06,
+        "kl_at_high": 150.0,
+        "curve": [{"value": 0.2, "kl": 5.0}, {"value": 0.1, "kl": 20.0}, {"value": 0.07, "kl": 80.0}],
+    }
+    assert finder.predict_kl(result, 0.15) == pytest.approx(math.exp((math.log(5) + math.log(20)) / 2))
+    assert finder.predict_kl(result, 0.3) == 5.0  # looser than every point
+    assert finder.predict_kl(result, 0.065) == 150.0  # between the curve and the floor: lambda held high
+    assert finder.predict_kl(result, 0.05) is None  # out of reach
+
+
+# --- the finder against a closed-form frontier ---------------------------------------------------
+
+STDS = (0.12, 0.08, 0.05, 0.03)  # the source's standard deviations (pixels) along 4 directions of 16
+
+
+def gaussian_source(split: str = "train", seed: int = 0, n: int | None = None) -> ImageData:
+    """x = 0.5 + A s, s ~ N(0, diag(STDS^2)), A 16 x 4 orthonormal: 1 x 4 x 4 images (uint8)."""
+    g = torch.Generator().manual_seed(7)
+    basis, _ = torch.linalg.qr(torch.randn(16, len(STDS), generator=g))
+    g.manual_seed(seed * 2 + (split == "test"))
+    n = n or (20_000 if split == "train" else 2000)
+    x = 0.5 + (torch.randn(n, len(STDS), generator=g) * torch.tensor(STDS)) @ basis.T
+    return ImageData(images=(x.clamp(0, 1) * 255).round().to(torch.uint8).view(n, 1, 4, 4))
+
+
+class LinearVAE(GaussianVAE):
+    """A linear Gaussian VAE (probabilistic PCA's): q(z|x) = N(W x + c, diag(v)), x_hat = V z + b."""
+
+    name = "linear-vae"
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int = 4) -> None:
+        super().__init__(image_shape)
+        self.latent_dim, size = latent_dim, math.prod(image_shape)
+        self.encode, self.decode = torch.nn.Linear(size, latent_dim), torch.nn.Linear(latent_dim, size)
+        self.log_var = torch.nn.Parameter(torch.zeros(latent_dim))
+
+    def posterior(self, x, context=None):
+        mu = self.encode(x.flatten(1) - 0.5)
+        return DiagonalGaussian(mu, self.log_var.expand_as(mu))
+
+    def _logits(self, z):  # the identity through the sigmoid: x_hat = V z + b
+        return torch.logit((0.5 + self.decode(z)).clamp(1e-4, 1 - 1e-4)).view(-1, *self.image_shape)
+
+    def forward(self, x, context=None):
+        q = self.posterior(x)
+        return Output(self._logits(q.rsample()), q.kl_standard_normal())
+
+    def sample_logits(self, n, context=None):
+        return self._logits(torch.randn(n, self.latent_dim))
+
+
+def rate_distortion(mse: float, variances: list[float]) -> float:
+    """R(D) of a Gaussian source, nats, at ``mse`` per pixel (reverse water-filling: D = sum min(theta,
+    variance), R = sum over variances above theta of log(variance / theta) / 2)."""
+    total = mse * len(variances)
+    low, high = 0.0, max(variances)
+    for _ in range(200):
+        theta = (low + high) / 2
+        low, high = (theta, high) if sum(min(theta, v) for v in variances) < total else (low, theta)
+    return sum(0.5 * math.log(v / theta) for v in variances if v > theta)
+
+
+def register(monkeypatch, kind: str, name: str, factory) -> None:
+    """Register ``factory`` as the ``kind`` called ``name`` for this test."""
+    monkeypatch.setitem(registry().entries[kind], name, Entry(kind, name, factory, "test", "test", "0", name))
+
+
+@needs_plugins
+def test_the_finders_curve_follows_the_distortion_rate_curve_of_a_gaussian_source(tmp_path, monkeypatch):
+    """A linear Gaussian VAE on a Gaussian source can reach R(D), the closed-form least KL at each
+    distortion: no point of the finder's curve beats it, and the curve stays close to it."""
+    register(monkeypatch, "dataset", "gaussian-source", gaussian_source)
+    register(monkeypatch, "model", "linear-vae", LinearVAE)
+    doc = {
+        "data": {"name": "gaussian-source"},
+        "model": {"name": "linear-vae"},
+        "objective": {"name": "geco", "geco": {"alpha": 0.9}},
+        "constraints": [{"name": "re", "kappa": 0.03}],
+        "train": {"steps": 6000, "batch_size": 64, "lr": 1e-2},
+        "logging": {"progress": False, "dir": str(tmp_path)},
+    }
+    pixels = gaussian_source().images.float().view(-1, 16) / 255
+    variances = torch.linalg.eigvalsh(torch.cov(pixels.T)).clamp(min=1e-9).tolist()
+    result = finder.find_kappa(config=Config.from_dict(doc), run_dir=tmp_path / "finder")
+    curve = result["constraints"]["re"]["curve"]
+    assert len(curve) >= 5
+    for point in curve:
+        bound = rate_distortion(point["value"] ** 2, variances)
+        assert point["kl"] >= bound - 0.15, (point, bound)  # nothing beats the closed form (noise aside)
+    middle = [p for p in curve if 0.2 <= rate_distortion(p["value"] ** 2, variances) <= 6]
+    assert len(middle) >= 3
+    for point in middle:
+        assert point["kl"] <= 1.3 * rate_distortion(point["value"] ** 2, variances) + 0.3, point
+
+
+# --- kappa held on held-out data: the validation split and the gap ------------------------------
+
+
+def test_the_validation_split_is_drawn_by_seed_and_never_trained_on():
+    data = ImageData(images=torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1), labels=torch.arange(50))
+    rest, held = data.split(7, seed=3)
+    again = data.split(7, seed=3)[1]
+    assert torch.equal(held.images, again.images) and not torch.equal(held.images, data.split(7, seed=4)[1].images)
+    together = torch.cat([rest.images.flatten(), held.images.flatten()]).sort().values
+    assert len(held) == 7 and len(rest) == 43 and torch.equal(together, data.images.flatten())
+    assert torch.equal(held.labels, held.images.flatten().long())  # labels travel with their images
+
+
+def test_an_experiment_trains_on_all_but_its_validation_examples(tmp_path):
+    from geco_core.training import build
+
+    exp = build(config(train={"validation": 20}))
+    whole = config(train={"validation": 0})
+    assert len(exp.validation) == 20 and len(exp.data) == 256 - 20 and len(build(whole).data) == 256
+    assert len(build(config(train={"validation": 1000})).validation) == 25  # at most a tenth
+
+
+class Values(torch.nn.Module):
+    """A constraint whose per-example values are ``batch.x_hat``; reached = value + kappa."""
+
+    name, units, kappa, dim, multiplier_scale, value_scale = "v", "u", 0.5, 2, 1.0, 1.0
+    component_names = ["v[0]", "v[1]"]
+
+    def forward(self, batch):
+        return batch.x_hat
+
+    def reached(self, values):
+        return values + self.kappa
+
+
+def test_the_gap_is_the_validation_bound_above_the_moving_average_and_tightens_the_target():
+    """gap = mean + CONFIDENCE * stderr - c_ma over the validation values (then averaged with the
+    gap so far); the controller sees c_ma + gap, the status follows it; Algorithm 1 is unchanged
+    without validation."""
+    geco = GECO([Values()], controller="paper", alpha=0.0, lr=1.0, dtype=torch.float64)
+    geco.lagrangian(torch.zeros(1, dtype=torch.float64), torch.tensor([[-0.1, 0.2]], dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    first = torch.randn(400, 2, generator=g, dtype=torch.float64) * torch.tensor([0.3, 0.1]) + 0.05
+    geco.validate(first)
+    bound = first.mean(0) + CONFIDENCE * first.std(0) / math.sqrt(400)
+    torch.testing.assert_close(geco.gap, bound - torch.tensor([-0.1, 0.2], dtype=torch.float64))
+    second = torch.randn(100, 2, generator=g, dtype=torch.float64)
+    geco.validate(second)
+    again = second.mean(0) + CONFIDENCE * second.std(0) / math.sqrt(100) - geco.c_ma
+    torch.testing.assert_close(geco.gap, ((bound - torch.tensor([-0.1, 0.2])) + again) / 2)
+    before = geco.log_lambdas.clone()
+    geco.lagrangian(torch.zeros(1, dtype=torch.float64), torch.tensor([[0.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(geco.log_lambdas, before + geco.gap)  # paper: log lambda += lr * (c_ma + gap)
+    state = geco.state()
+    assert [c.gap for c in state.components] == geco.gap.tolist()
+    assert [c.status == "met" for c in state.components] == (geco.gap <= 0).tolist()
+    kept = geco.gap.clone()
+    geco.validate(torch.full((10, 2), math.nan, dtype=torch.float64))  # ignored
+    assert torch.equal(geco.gap, kept)
+
+
+def test_a_gecos_state_from_before_validation_loads_with_no_gap():
+    geco = GECO([Values()], controller="paper")
+    state = {k: v for k, v in geco.state_dict().items() if k not in ("gap", "validated")}
+    fresh = GECO([Values()], controller="paper")
+    fresh.gap.fill_(1.0)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.gap, torch.zeros(2)) and not bool(fresh.validated)
+
+
+# --- kappa in dB, the warning, unreachable explained, the twin -----------------------------------
+
+
+@needs_plugins
+def test_re_takes_kappa_as_a_psnr_in_db_and_reports_both_units():
+    by_psnr = create_constraint("re", kappa_psnr=20.0, image_shape=(1, 4, 4))
+    assert by_psnr.kappa == pytest.approx(0.1) and by_psnr.also.convert(0.1) == pytest.approx(20.0)
+    assert by_psnr.also.invert(30.0) == pytest.approx(10**-1.5) and by_psnr.also.format(0.1) == " (20.0 dB)"
+    for bad in ({"kappa": 0.1, "kappa_psnr": 20.0}, {}):
+        with pytest.raises(ConfigError, match="re: give kappa .* or kappa_psnr"):
+            create_constraint("re", **bad)
+    with pytest.raises(ConfigError, match="kappa_psnr must be a PSNR in dB > 0"):
+        create_constraint("re", kappa_psnr=-3.0)
+
+
+@needs_plugins
+def test_a_summary_shows_kappa_and_the_reached_values_in_db_beside_the_rmse(tmp_path):
+    from geco_core.training.summary import format_summary
+
+    cfg = config(constraints=[{"name": "re", "kappa_psnr": 20.0}], train={"steps": 10})
+    run = train(config=cfg, run_dir=tmp_path / "run")
+    summary = json.loads((run / "summary.json").read_text())
+    (row,) = summary["constraints"]
+    assert row["kappa"] == pytest.approx(0.1) and row["kappa_psnr"] == pytest.approx(20.0)
+    assert row["heldout_reached_psnr"] == pytest.approx(-20 * math.log10(row["heldout_reached"]))
+    assert f"0.1000 (20.0 dB)  {row['reached']:.4f} ({row['reached_psnr']:.1f} dB)" in format_summary(summary)
+
+
+def test_the_fingerprint_ignores_kappa_and_logging_but_not_the_rest():
+    base = config()
+    assert finder.fingerprint(base) == finder.fingerprint(config(constraints=[{"name": "test-mae", "kappa": 0.5}]))
+    assert finder.fingerprint(base) == finder.fingerprint(config(logging={"dir": "elsewhere"}))
+    assert finder.fingerprint(base) == finder.fingerprint(config(train={"steps": 99}))  # kept in the result
+    assert finder.fingerprint(base) != finder.fingerprint(config(train={"lr": 0.1}))
+    assert finder.fingerprint(base) != finder.fingerprint(config(model={"latent_dim": 8}))
+
+
+def test_find_kappa_writes_its_folder_and_geco_train_warns_of_a_kappa_below_its_floor(tmp_path):
+    """The command as a user runs it: the finder's table, plot and result in a run folder; then
+    geco train of the same config with a kappa tighter than that floor warns in one line (and
+    trains), and one with a reachable kappa does not."""
+    import tomli_w
+
+    doc = {k: v for k, v in copy.deepcopy(TINY).items()}
+    doc["train"] = {**doc["train"], "steps": 60}
+    doc["logging"] = {"progress": False, "dir": str(tmp_path / "runs"), "eval_examples": 32}
+    path = tmp_path / "tiny.toml"
+    path.write_text(tomli_w.dumps(doc))
+    done = run_geco("find-kappa", path, "--steps", "40")
+    assert done.returncode == 0, done.stderr
+    assert "reachable floor at 60 steps" in done.stdout and "suggested kappa" in done.stdout
+    (folder,) = (tmp_path / "runs").glob("kappa-tiny-*")
+    result = json.loads((folder / "kappa.json").read_text())
+    assert (folder / "kappa.png").stat().st_size > 5000 and (folder / "kappa.md").is_file()
+    floor = result["constraints"]["test-mae"]["floor"]
+    tight = run_geco("train", path, "--set", f"constraints.0.kappa={floor / 2}", "--set", "train.steps=2")
+    assert tight.returncode == 0, tight.stderr
+    warnings = [line for line in tight.stderr.splitlines() if line.startswith("geco: warning:")]
+    assert len(warnings) == 1 and "tighter than the reachable floor" in warnings[0] and "geco find-kappa" in warnings[0]
+    loose = run_geco("train", path, "--set", f"constraints.0.kappa={floor * 3}", "--set", "train.steps=2")
+    assert loose.returncode == 0 and "geco: warning:" not in loose.stderr
+
+
+def test_an_unreachable_kappa_is_explained_with_what_to_do(tmp_path):
+    from geco_core.training.summary import format_summary
+
+    controller = {"name": "restart", "patience": 30, "tolerance": 0.05}
+    cfg = config(
+        objective={"name": "geco", "geco": {"alpha": 0.9, "controller": controller}},
+        constraints=[{"name": "test-mae", "kappa": 1e-4}],
+        train={"steps": 120, "log_every": 5, "lr": 1e-7},
+    )
+    summary = json.loads((train(config=cfg, run_dir=tmp_path / "run") / "summary.json").read_text())
+    (line,) = summary["advice"]
+    assert "test-mae: kappa 0.0001 is out of reach at this budget; the best it reached was" in line
+    assert "geco find-kappa" in line and "train.steps" in line and "max_factor" in line
+    assert line in format_summary(summary)
+
+
+@needs_plugins
+def test_learned_constraints_have_an_independent_twin_that_summaries_report():
+    """CLA's and FRE's shipped networks each have a twin (the same recipe, another seed), a
+    different network (checksum verified), which judges the same reconstructions; weights of a
+    user's own have none."""
+    from geco_core import Batch
+
+    cla = create_constraint("cla", kappa=0.9, image_shape=(1, 28, 28))
+    twin = cla.twin()
+    assert twin.weights == "twin" and twin.kappa == cla.kappa and twin.form == cla.form
+    first = dict(cla.classifier.state_dict())
+    assert any(not torch.equal(v, twin.classifier.state_dict()[k]) for k, v in first.items() if v.is_floating_point())
+    x = torch.rand(4, 1, 28, 28)
+    batch = Batch(x=x, x_hat=x, labels=torch.tensor([0, 1, 2, 3]))
+    assert twin(batch).shape == cla(batch).shape == (4, 1)
+    fre = create_constraint("fre", kappa=0.4, image_shape=(1, 28, 28))
+    assert fre.twin().weights == "twin" and fre.twin().multiplier_scale == fre.multiplier_scale
+    assert create_constraint("re", kappa=0.1).twin() is None
