@@ -4,7 +4,8 @@ batch (with and without keeping freed memory), and torch.compile.
     .venv/bin/python benchmarks/bench_throughput.py adam      # Adam: per-parameter loop, foreach, fused
     .venv/bin/python benchmarks/bench_throughput.py threads   # 1 vs 2 threads, OpenMP wait policy, a busy core
     .venv/bin/python benchmarks/bench_throughput.py scaling   # images/s: 28/32/64 px x batch 16..512
-    .venv/bin/python benchmarks/bench_throughput.py compile   # eager vs torch.compile of the model
+    .venv/bin/python benchmarks/bench_throughput.py compile   # the trainer's step: eager vs compiled whole
+    .venv/bin/python benchmarks/bench_throughput.py validation   # the loop with and without validation
 
 The model is the quickstart's (conv VAE, latent 16) with GECO + test-mae (an L1 constraint that costs
 what RE does). Variants alternate within one run and ratios are reported; each configuration that
@@ -162,22 +163,74 @@ def _scaling_worker(size: str, batch: str, keep: str, seconds: str) -> None:
     print(timed(step, float(seconds)))
 
 
+def trainer_step(batch: int, compile_step: bool):
+    """The trainer's own step (geco_core.training.Trainer.train_step) on the quickstart config
+    (conv VAE, 3x32x32, GECO + RE's stand-in test-mae), eager or compiled whole."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from geco_core.training import Run, Trainer, build, load_config
+
+    sets = [
+        f"train.batch_size={batch}", f"train.compile={str(compile_step).lower()}", "train.validation=0",
+        "train.threads=1", "constraints.0.name='test-mae'", "data.n=4096",
+    ]  # fmt: skip
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.toml", sets)
+    exp = build(config)
+    trainer = Trainer(exp=exp, run=Run(Path(tempfile.mkdtemp()), config), callbacks=[])
+    trainer.counts = torch.tensor([1, 0, 0, -1])
+    exp.model.train()
+    exp.objective.train()
+    steps = iter(range(10**9))
+    return lambda: trainer.train_step(next(steps), False)
+
+
 def compile_(args) -> None:
     import torch
 
     torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    compiled, _ = make_step((3, 32, 32), 64, compile_model=True)
-    compiled()
-    warm = time.perf_counter() - t0
-    eager, _ = make_step((3, 32, 32), 64)
-    e, c = [], []
+    for batch in (64, 256):
+        t0 = time.perf_counter()
+        compiled = trainer_step(batch, True)
+        compiled()
+        warm = time.perf_counter() - t0
+        eager = trainer_step(batch, False)
+        e, c = [], []
+        for r in range(args.rounds):
+            for name, fn in [("eager", eager), ("compiled", compiled)][:: 1 if r % 2 == 0 else -1]:
+                (e if name == "eager" else c).append(timed(fn, args.seconds))
+        e, c = statistics.median(e), statistics.median(c)
+        line = f"1 thread, the trainer's step, conv VAE on 3x32x32, batch {batch}: eager {e * 1e3:.2f} ms, "
+        print(line + f"compiled whole {c * 1e3:.2f} ms (ratio {c / e:.3f}); compiling took {warm:.0f} s", flush=True)
+
+
+def validation_(args) -> None:
+    """The trainer's loop (800 steps of MNIST's conv VAE, GECO + RE) with the validation split
+    measured every 200 steps (1000 examples) against without, alternately in one process."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from geco_core.training import Run, Trainer, build, load_config
+
+    torch.set_num_threads(1)
+    repo = Path(__file__).resolve().parents[1]
+    times: dict[int, list[float]] = {0: [], 1000: []}
     for r in range(args.rounds):
-        for name, fn in [("eager", eager), ("compiled", compiled)][:: 1 if r % 2 == 0 else -1]:
-            (e if name == "eager" else c).append(timed(fn, args.seconds))
-    e, c = statistics.median(e), statistics.median(c)
-    print(f"1 thread, conv VAE on 3x32x32, batch 64: eager {e * 1e3:.2f} ms, compiled {c * 1e3:.2f} ms "
-          f"(ratio {c / e:.3f}); compiling took {warm:.0f} s")  # fmt: skip
+        for held in (0, 1000)[:: 1 if r % 2 == 0 else -1]:
+            sets = ["train.steps=800", f"train.validation={held}", "train.threads=1", "train.log_every=800"]
+            config = load_config(repo / "configs" / "mnist-geco-re.toml", sets)
+            exp = build(config)
+            trainer = Trainer(exp=exp, run=Run(Path(tempfile.mkdtemp()), config), callbacks=[])
+            t0 = time.perf_counter()
+            trainer.fit(0)
+            times[held].append(time.perf_counter() - t0)
+    plain, validated = statistics.median(times[0]), statistics.median(times[1000])
+    print(f"1 thread, MNIST conv VAE + RE, 800 steps: {plain:.1f} s without validation, {validated:.1f} s with "
+          f"1000 examples every 200 steps: +{validated / plain - 1:.1%}")  # fmt: skip
 
 
 def main() -> None:
@@ -185,13 +238,14 @@ def main() -> None:
         globals()[sys.argv[1]](*sys.argv[2:])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["adam", "threads", "scaling", "compile"])
+    parser.add_argument("what", choices=["adam", "threads", "scaling", "compile", "validation"])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
     parser.add_argument("--threads", type=int, default=1, help="scaling: torch threads")
     args = parser.parse_args()
     os.environ["BENCH_THREADS"] = str(args.threads)
-    {"adam": adam, "threads": threads, "scaling": scaling, "compile": compile_}[args.what](args)
+    modes = {"adam": adam, "threads": threads, "scaling": scaling, "compile": compile_, "validation": validation_}
+    modes[args.what](args)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from geco_core.constraint import (
     Constraint,
     ConstraintLike,
     ConstraintStack,
+    Units,
     check_kappa,
     check_same_shape,
     freeze,
@@ -38,6 +39,7 @@ from geco_core.errors import (
 )
 from geco_core.geco import GECO
 from geco_core.hookspecs import hookimpl
+from geco_core.optim import step_if_finite, step_where
 from geco_core.plugins import CORE_VERSION as __version__
 from geco_core.plugins import create, create_constraint, registry
 
@@ -47,11 +49,14 @@ __all__ = [
     "Constraint",
     "ConstraintLike",
     "ConstraintStack",
+    "Units",
     "Controller",
     "check_kappa",
     "check_same_shape",
     "freeze",
     "hookimpl",
+    "step_if_finite",
+    "step_where",
     "create",
     "create_constraint",
     "registry",

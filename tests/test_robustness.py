@@ -15,6 +15,8 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_cli import assert_user_error, write_config
 from test_training import config
 
@@ -95,6 +97,32 @@ def test_a_checkpoint_holding_nan_is_never_written(tmp_path):
 
 
 # --- the disk, the folders, the lock ----------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_nonfinite_entries_finds_exactly_the_tensors_holding_nan_or_infinity(data):
+    """Against the naive per-tensor check, on nested states of float32/float64/bfloat16 tensors,
+    some holding NaN or ±inf, some huge but finite (whose 2-norm overflows: the screen must not
+    report them), and integer tensors (never reported)."""
+    state, naive = {}, []
+    for i in range(data.draw(st.integers(1, 6))):
+        dtype = data.draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.int64]))
+        n = data.draw(st.integers(0, 50))
+        t = (torch.randn(n) * 10 ** data.draw(st.integers(-3, 3))).to(dtype)
+        if n and dtype != torch.int64:
+            kind = data.draw(st.sampled_from(["plain", "nan", "inf", "-inf", "huge"]))
+            where = data.draw(st.integers(0, n - 1))
+            t[where] = {"plain": t[where].item(), "nan": math.nan, "inf": math.inf, "-inf": -math.inf,
+                        "huge": torch.finfo(dtype).max}[kind]  # fmt: skip
+            if kind == "huge":
+                t[:] = torch.finfo(dtype).max / 2
+        key = f"g{i}"
+        state.setdefault("group", {})[key] = [t] if i % 2 else t
+        name = f"group.{key}[0]" if i % 2 else f"group.{key}"
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            naive.append(name)
+    assert nonfinite_entries(state) == naive
 
 
 def test_a_full_disk_during_a_checkpoint_write_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):

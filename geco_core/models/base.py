@@ -8,7 +8,6 @@ their prior with :meth:`VAE.sample`.
 from __future__ import annotations
 
 import abc
-import functools
 import math
 from typing import ClassVar, Protocol
 
@@ -23,15 +22,15 @@ LOG_2PI = math.log(2 * math.pi)
 
 @attrs.define(eq=False, slots=False)  # not frozen: torch.compile traces plain attribute sets
 class Output:
-    """One forward pass: ``logits`` (B, C, H, W) and ``kl`` (B,) in nats, summed over latents."""
+    """One forward pass: ``logits`` (B, C, H, W) and ``kl`` (B,) in nats, summed over latents;
+    ``x_hat = sigmoid(logits)``, the reconstruction mean, pixels in [0, 1]."""
 
     logits: Tensor
     kl: Tensor
+    x_hat: Tensor = attrs.field(init=False)
 
-    @functools.cached_property
-    def x_hat(self) -> Tensor:
-        """The reconstruction mean, ``sigmoid(logits)``, pixels in [0, 1]."""
-        return torch.sigmoid(self.logits)
+    def __attrs_post_init__(self) -> None:
+        self.x_hat = torch.sigmoid(self.logits)
 
 
 class Posterior(Protocol):

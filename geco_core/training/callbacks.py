@@ -7,11 +7,13 @@ the records, the status, GECO's typed state at the last logged step) callbacks r
 puts every callback after those it names (otherwise they keep the order they were given in). The
 defaults (:func:`default_callbacks`): the metrics file, TensorBoard, the progress bar, the
 divergence guard, checkpoints (after the guard), plots, the summary (after the plots, whose paths
-it records).
+it records). ``geco_core.training.launch.default_callbacks`` chooses them.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -19,8 +21,6 @@ from torch import Tensor
 
 from geco_core.figures import plot_trajectory, save_grid
 from geco_core.state import MANY
-from geco_core.training.config import Config
-from geco_core.training.distributed import DataParallelGroup
 from geco_core.training.run import nonfinite_entries, strict_json, write_atomic
 from geco_core.training.summary import grid_rows, summarise
 from geco_core.training.trainer_state import TrainerState
@@ -28,10 +28,10 @@ from geco_core.training.trainer_state import TrainerState
 __all__ = [
     "Callback",
     "in_order",
-    "default_callbacks",
     "MetricsFile",
     "TensorBoard",
     "ProgressBar",
+    "JsonLines",
     "DivergenceGuard",
     "Checkpointing",
     "Plots",
@@ -119,47 +119,73 @@ class TensorBoard(Callback):
 
 
 class ProgressBar(Callback):
-    """A tqdm bar: KL, RMSE, and per constraint component (of constraints with at most
-    :data:`~geco_core.state.MANY`) its moving average and lambda, or ``unreachable``."""
+    """Progress on stderr: KL, RMSE, and per constraint component (of constraints with at most
+    :data:`~geco_core.state.MANY`) its moving average and lambda, or ``unreachable``. On a terminal
+    a tqdm bar; elsewhere (a CI log, ``nohup``, a cluster's job log) one plain line with the same
+    fields every ``every`` (5%) of the steps or ``seconds`` (60 s), whichever comes first."""
+
+    def __init__(self, interactive: bool | None = None, every: float = 0.05, seconds: float = 60.0) -> None:
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self.every, self.seconds = every, seconds
 
     def on_fit_start(self, trainer: TrainerState) -> None:
-        from tqdm.auto import tqdm
+        self.steps = trainer.exp.config.train.steps
+        self.t0 = self.last = time.perf_counter()
+        self.start, self.next = trainer.start, trainer.start + max(1, round(self.every * self.steps))
+        if self.interactive:
+            from tqdm.auto import tqdm
 
-        steps = trainer.exp.config.train.steps
-        self.bar = tqdm(total=steps, initial=trainer.start, desc=trainer.run.path.name, dynamic_ncols=True)
+            self.bar = tqdm(total=self.steps, initial=trainer.start, desc=trainer.run.path.name, dynamic_ncols=True)
 
     def on_step_end(self, trainer: TrainerState, metrics: dict[str, Tensor] | None) -> None:
-        self.bar.update(1)
+        if self.interactive:
+            self.bar.update(1)
 
     def on_log(self, trainer: TrainerState, record: dict[str, Any]) -> None:
-        postfix = {"KL": f"{record['kl']:.2f}", "RMSE": f"{record['rmse']:.4f}"}
+        fields = self.fields(trainer, record)
+        if self.interactive:
+            self.bar.set_postfix(fields, refresh=False)
+            return
+        now, step = time.perf_counter(), trainer.step
+        if step >= self.next or now - self.last >= self.seconds or step == self.steps:
+            rate = (step - self.start) / max(now - self.t0, 1e-9)
+            shown = ", ".join(f"{k} {v}" for k, v in fields.items())
+            where = f"{trainer.run.path.name}: step {step}/{self.steps} ({step / self.steps:.0%}, {rate:.1f} steps/s)"
+            print(f"{where}: {shown}", file=sys.stderr, flush=True)
+            self.last, self.next = now, step + max(1, round(self.every * self.steps))
+
+    @staticmethod
+    def fields(trainer: TrainerState, record: dict[str, Any]) -> dict[str, str]:
+        fields = {"KL": f"{record['kl']:.2f}", "RMSE": f"{record['rmse']:.4f}"}
         if trainer.geco is not None:
             for group in trainer.geco.by_constraint().values():
                 for c in group if len(group) <= MANY else ():
-                    postfix[c.name] = f"{c.c_ma:+.3g}"
-                    postfix[f"λ_{c.name}"] = "unreachable" if c.unreachable else f"{c.lambda_:.3g}"
+                    fields[c.name] = f"{c.c_ma:+.3g}"
+                    fields[f"λ_{c.name}"] = "unreachable" if c.unreachable else f"{c.lambda_:.3g}"
         elif "beta" in record:
-            postfix["β"] = f"{record['beta']:.3g}"
-        self.bar.set_postfix(postfix, refresh=False)
+            fields["β"] = f"{record['beta']:.3g}"
+        return fields
 
     def on_teardown(self, trainer: TrainerState) -> None:
         if getattr(self, "bar", None) is not None:
             self.bar.close()
 
 
+class JsonLines(Callback):
+    """One strict-JSON object per logged record on stdout, for scripts (``geco train --json``)."""
+
+    def on_log(self, trainer: TrainerState, record: dict[str, Any]) -> None:
+        print(strict_json(record), flush=True)
+
+
 class DivergenceGuard(Callback):
-    """Stops the run as ``diverged`` when ``train.max_nonfinite_steps`` steps in a row had a
-    non-finite loss or gradient (each was skipped), or when the optimiser's state is no longer
-    finite (checked on logged steps: Adam's second moment overflows under enormous gradients and
-    then freezes the model silently)."""
+    """Stops the run as ``diverged`` when the optimiser's state is no longer finite (checked on
+    logged steps: Adam's second moment overflows under enormous gradients and then freezes the
+    model silently). ``train.max_nonfinite_steps`` non-finite steps in a row stop it too: that
+    rule runs on the device, in the loop (:class:`~geco_core.training.loop.Trainer`)."""
 
     def on_step_end(self, trainer: TrainerState, metrics: dict[str, Tensor] | None) -> None:
-        limit = trainer.exp.config.train.max_nonfinite_steps
-        if trainer.nonfinite_in_a_row >= limit:
-            trainer.stop(
-                "diverged", f"{limit} steps in a row with a non-finite loss or gradient (to step {trainer.step})"
-            )
-        elif metrics is not None:
+        if metrics is not None:
             bad = nonfinite_entries(trainer.exp.optimizer.state_dict()["state"])
             if bad:
                 trainer.stop("diverged", f"the optimiser state holds NaN or infinity at step {trainer.step} ({bad[0]})")
@@ -167,7 +193,8 @@ class DivergenceGuard(Callback):
 
 class Checkpointing(Callback):
     """``checkpoints/latest.pt`` every ``train.checkpoint_every`` steps and at the end, atomically.
-    Only after a finite step of a running fit (a due checkpoint waits for the next one), and never
+    Only after a finite step of a running fit (a due checkpoint waits for the next step the host
+    reads, ``synced``, that is finite), and never
     from a state holding NaN or infinity: a diverging run never overwrites its last good
     checkpoint. Runs after the divergence guard, so a step it stops is never written."""
 
@@ -180,7 +207,7 @@ class Checkpointing(Callback):
     def on_step_end(self, trainer: TrainerState, metrics: dict[str, Tensor] | None) -> None:
         cfg = trainer.exp.config.train
         self.due = self.due or trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps
-        if self.due and trainer.last_step_finite and trainer.status == "running":
+        if self.due and trainer.synced and trainer.last_step_finite and trainer.status == "running":
             state = trainer.exp.state_dict(trainer.step)  # on every process: it gathers their RNG states
             bad = nonfinite_entries({k: state[k] for k in ("model", "objective", "optimizer")})
             if bad:  # the same on every process: their states are in step
@@ -218,22 +245,3 @@ class Summary(Callback):
         trainer.summary = summarise(trainer)
         text = strict_json(trainer.summary, indent=2).encode()
         write_atomic(trainer.run.summary_path, lambda f: f.write(text))
-
-
-def default_callbacks(config: Config, group: DataParallelGroup | None = None) -> list[Callback]:
-    """The callbacks ``geco train`` uses: metrics file, TensorBoard, progress bar, divergence
-    guard, checkpoints, plots, summary (as ``logging`` chooses). Processes other than the first
-    only guard and take part in checkpoints (which gather every process's RNG state); they write
-    nothing."""
-    if group is not None and not group.main:
-        return [DivergenceGuard(), Checkpointing()]
-    chosen: list[Callback] = [MetricsFile()]
-    if config.logging.tensorboard:
-        chosen.append(TensorBoard())
-    if config.logging.progress:
-        chosen.append(ProgressBar())
-    chosen += [DivergenceGuard(), Checkpointing()]
-    if config.logging.plots:
-        chosen.append(Plots())
-    chosen.append(Summary())
-    return chosen

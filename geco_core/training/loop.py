@@ -3,7 +3,9 @@
 Each step: forward, the objective's loss, backward, then the optimiser step, unless the loss or a
 gradient is not finite (that step is skipped and counted; ``train.max_nonfinite_steps`` in a row
 stop the run as diverged). After the step, GECO's multipliers may have jumped (a controller
-restart): :meth:`GECO.follow` then clears the optimiser's state. Every ``log_every`` steps the loop
+restart): :meth:`GECO.follow` then clears the optimiser's state. Every ``validate_every`` steps
+every constraint is measured on the validation split, and GECO tightens its targets by the gap
+(:meth:`Experiment.validate`). Every ``log_every`` steps the loop
 builds one record (a dict of floats, from the objective's metrics and GECO's typed state), keeps it
 in memory (``trainer.records``) and hands it to the callbacks, which write the files, the progress
 bar, the checkpoints, the plots and the summary.
@@ -23,6 +25,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
+from geco_core.optim import step_where
 from geco_core.training.callbacks import Callback, in_order
 from geco_core.training.trainer_state import TrainerState
 
@@ -33,9 +36,17 @@ __all__ = ["Trainer"]
 class Trainer(TrainerState):
     """Runs an :class:`Experiment` in a :class:`Run` folder, calling ``callbacks`` (put in
     :func:`~geco_core.training.callbacks.in_order`) at every hook: ``Trainer(exp=..., run=...,
-    callbacks=[...]).fit()``."""
+    callbacks=[...]).fit()``.
+
+    The host reads the device only on the steps that log or are due a checkpoint (``synced``):
+    whether each step was finite, the count of skipped steps and the divergence rule live on the
+    device in between (``counts``: the last step finite, non-finite steps in a row, non-finite
+    steps, the step at which the rule halted the run or -1). A run that reaches
+    ``train.max_nonfinite_steps`` in a row is halted there on the device (no further optimiser
+    step or count) and ends at that step when the host next looks."""
 
     callbacks: Sequence[Callback] = ()
+    counts: Tensor | None = None
 
     def __attrs_post_init__(self) -> None:
         self.callbacks = in_order(self.callbacks)
@@ -44,6 +55,7 @@ class Trainer(TrainerState):
         """Train from step ``start`` to ``train.steps`` (or until a callback stops the run)."""
         cfg = self.exp.config.train
         self.start = self.step = start
+        self.counts = torch.tensor([1, 0, self.nonfinite_steps, -1], device=self.exp.device)
         self.exp.model.train()
         self.exp.objective.train()
         t0 = time.perf_counter()
@@ -51,11 +63,17 @@ class Trainer(TrainerState):
             self._call("on_fit_start")
             for step in range(start, cfg.steps):
                 done = step + 1
-                metrics = self.train_step(step, logging=done % cfg.log_every == 0 or done == cfg.steps)
+                logging = done % cfg.log_every == 0 or done == cfg.steps
+                metrics = self.train_step(step, logging)
                 self.step = done
+                if done % cfg.validate_every == 0:
+                    self.exp.validate(done)
+                self.synced = logging or done % cfg.checkpoint_every == 0
+                record = self.read_back(metrics) if self.synced else None
+                if self.status != "running":
+                    break  # halted on the device: the run ends at the step it halted
                 self._call("on_step_end", metrics)
-                if metrics is not None:
-                    record = self.record(metrics)
+                if record is not None:
                     self.records.append(record)
                     self._call("on_log", record)
                 if self.status != "running":
@@ -76,8 +94,9 @@ class Trainer(TrainerState):
             getattr(callback, hook)(self, *args)
 
     def train_step(self, step: int, logging: bool) -> dict[str, Tensor] | None:
-        """One optimisation step on training batch ``step``; the metrics (detached) if ``logging``.
-        The optimiser step is skipped when the loss or a gradient is not finite."""
+        """One optimisation step on training batch ``step``, without a host sync; the metrics
+        (detached, on the device) if ``logging``. The optimiser step is skipped on the device where
+        the loss or a gradient is not finite, or where the run has halted."""
         exp = self.exp
         batch = exp.data.batch(exp.group.shard(exp.batches(step)), exp.device)
         loss, out = exp.loss(batch, step)
@@ -89,28 +108,40 @@ class Trainer(TrainerState):
             norm = nn.utils.get_total_norm([p.grad for p in params])
         else:
             norm = nn.utils.clip_grad_norm_(params, clip)
-        finite = exp.group.all_finite(bool(torch.isfinite(loss) & torch.isfinite(norm)), exp.device)
-        self.last_step_finite = finite
-        if finite:
-            exp.optimizer.step()
-            if exp.geco is not None:
-                exp.geco.follow(exp.optimizer)
-            self.nonfinite_in_a_row = 0
-        else:
-            self.nonfinite_in_a_row += 1
-            self.nonfinite_steps += 1
+        finite = exp.group.all_true(torch.isfinite(loss) & torch.isfinite(norm))
+        running = self.counts[3] < 0
+        step_where(exp.optimizer, finite & running)
+        if exp.geco is not None:
+            exp.geco.follow(exp.optimizer)
+        skipped = (~finite & running).long()
+        in_a_row = torch.where(running, (self.counts[1] + 1) * skipped, self.counts[1])
+        halts = running & (in_a_row >= exp.config.train.max_nonfinite_steps)
+        halted_at = torch.where(halts, step + 1, self.counts[3])
+        self.counts = torch.stack([finite.long(), in_a_row, self.counts[2] + skipped, halted_at])
         if not logging:
             return None
         metrics = exp.objective.metrics(out, batch, step)
         metrics["loss"] = loss.detach()
         return exp.group.mean(metrics)  # over the pieces of the global batch
 
-    def record(self, metrics: dict[str, Tensor]) -> dict[str, Any]:
-        """The logged record of this step: the metrics as floats (``rmse`` from ``mse``), the count
-        of skipped steps and GECO's state as flat keys (:meth:`GecoState.flat
+    def read_back(self, metrics: dict[str, Tensor] | None) -> dict[str, Any] | None:
+        """The host's look at the device (one sync): the counts, the divergence rule, and on a step
+        that logs its record: the metrics as floats (``rmse`` from ``mse``), the count of skipped
+        steps and GECO's state as flat keys (:meth:`GecoState.flat
         <geco_core.state.GecoState.flat>`), which it also keeps as ``self.geco``."""
-        values = {k: float(v) for k, v in metrics.items()}
-        record: dict[str, Any] = {"step": self.step, "rmse": math.sqrt(values.pop("mse")), **values}
+        names = list(metrics or {})
+        values = torch.cat([self.counts.double(), *(metrics[k].double().reshape(1) for k in names)]).tolist()
+        finite, in_a_row, nonfinite, halted_at = (int(v) for v in values[:4])
+        self.last_step_finite, self.nonfinite_in_a_row, self.nonfinite_steps = bool(finite), in_a_row, nonfinite
+        if halted_at >= 0:
+            limit = self.exp.config.train.max_nonfinite_steps
+            self.step = halted_at
+            self.stop("diverged", f"{limit} steps in a row with a non-finite loss or gradient (to step {halted_at})")
+            return None
+        if metrics is None:
+            return None
+        measured = dict(zip(names, values[4:]))
+        record: dict[str, Any] = {"step": self.step, "rmse": math.sqrt(measured.pop("mse")), **measured}
         record["train/nonfinite_steps"] = float(self.nonfinite_steps)
         if self.exp.geco is not None:
             self.geco = self.exp.geco.state()

@@ -80,15 +80,28 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
-    """The keys of floating-point tensors in a nested state that hold NaN or infinity."""
+def nonfinite_entries(state: Any) -> list[str]:
+    """The keys of floating-point tensors in a nested state that hold NaN or infinity. One host
+    read: every tensor's 2-norm at once (finite only if every entry is), then an exact check of the
+    few whose norm is not (a norm can overflow where no entry does)."""
+    leaves = dict(_float_leaves(state))
+    if not leaves:
+        return []
+    norms = torch._foreach_norm(list(leaves.values()))
+    suspect = torch.stack([n.float().to(norms[0].device) for n in norms]).isfinite().logical_not().tolist()
+    return [k for (k, v), bad in zip(leaves.items(), suspect) if bad and not bool(torch.isfinite(v).all())]
+
+
+def _float_leaves(state: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(state, torch.Tensor):
-        return [prefix] if state.is_floating_point() and not bool(torch.isfinite(state).all()) else []
-    if isinstance(state, dict):
-        return [k for key, v in state.items() for k in nonfinite_entries(v, f"{prefix}.{key}" if prefix else str(key))]
-    if isinstance(state, list | tuple):
-        return [k for i, v in enumerate(state) for k in nonfinite_entries(v, f"{prefix}[{i}]")]
-    return []
+        if state.is_floating_point():
+            yield prefix, state.detach()
+    elif isinstance(state, dict):
+        for key, v in state.items():
+            yield from _float_leaves(v, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(state, list | tuple):
+        for i, v in enumerate(state):
+            yield from _float_leaves(v, f"{prefix}[{i}]")
 
 
 def strict_json(obj: Any, indent: int | None = None) -> str:

@@ -18,7 +18,9 @@ class TrainerState:
     """What callbacks see of a fit. ``status``: ``running``, then ``finished`` or ``diverged``
     (``reason`` says why); ``records``: every logged record of the run (read back from the folder
     on resume); ``geco``: GECO's typed state at the last logged step; ``artifacts``: what callbacks
-    produced for others (plot paths); ``summary``: the final summary, once written."""
+    produced for others (plot paths); ``summary``: the final summary, once written. The host's
+    view of the device (``last_step_finite``, the non-finite counts) is fresh on the steps where
+    ``synced`` (those that log or are due a checkpoint)."""
 
     exp: Experiment
     run: Run
@@ -31,6 +33,7 @@ class TrainerState:
     artifacts: dict[str, Any] = attrs.field(factory=dict)
     summary: dict[str, Any] | None = None
     seconds: float = 0.0
+    synced: bool = True
     last_step_finite: bool = True
     nonfinite_in_a_row: int = 0
     nonfinite_steps: int = 0
