@@ -6,7 +6,7 @@ MNIST, batch 64, one epoch (937 steps), one thread; images per second of the tra
 pythae is not a dependency of geco: the first run makes a virtual environment of its own in
 ``.bench/pythae`` (torch pinned by constraints.txt, pythae 0.1.2) and runs pythae there. Both sides
 time their loop only (pythae: from its first epoch's start to its end, by a pythae callback; geco:
-the loop time its summary reports), alternately, in fresh processes.
+the loop time its summary reports, as ``vs_bare.py`` runs it), alternately, in fresh processes.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from vs_bare import BATCH, STEPS, run_geco  # noqa: E402 - the same geco side as the bare-loop benchmark
+
 VENV = REPO / ".bench" / "pythae"
-STEPS, BATCH = 937, 64
 
 
 def ensure_venv() -> Path:
@@ -92,19 +94,6 @@ def run_pythae(python: Path, out: str) -> float:
     return json.loads(done.stdout.strip().splitlines()[-1])["images_per_s"]
 
 
-def run_geco(out: str) -> float:
-    sets = [
-        "model.latent_dim=16", "objective.name='elbo'", f"train.steps={STEPS}", f"train.batch_size={BATCH}",
-        "train.threads=1", "logging.progress=false", "logging.plots=false", "logging.eval_examples=0",
-        "logging.tensorboard=false", f"train.checkpoint_every={STEPS}",
-    ]  # fmt: skip
-    cmd = [sys.executable, "-m", "geco_core.cli", "train", str(REPO / "configs" / "mnist-geco-re.toml")]
-    cmd += [a for s in sets for a in ("--set", s)] + ["--run-dir", out]
-    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    summary = json.loads((Path(out) / "summary.json").read_text())
-    return STEPS * BATCH / summary["seconds"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -115,7 +104,7 @@ def main() -> None:
         for r in range(args.rounds):
             for name in ("pythae", "geco")[:: 1 if r % 2 == 0 else -1]:
                 out = str(Path(tmp) / f"{name}-{r}")
-                results[name].append(run_pythae(python, out) if name == "pythae" else run_geco(out))
+                results[name].append(run_pythae(python, out) if name == "pythae" else run_geco(out, "elbo"))
                 print(f"round {r}: {name} {results[name][-1]:.0f} images/s", flush=True)
     p, g = statistics.median(results["pythae"]), statistics.median(results["geco"])
     print(f"1 thread, conv VAE (latent 16), MNIST, batch {BATCH}, {STEPS} steps; median of {args.rounds}:")

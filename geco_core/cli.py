@@ -44,19 +44,38 @@ def _require_train_extra(command: str) -> None:
         )
 
 
-def _print_summary(run_dir) -> int:
-    from geco_core.training import Run
+def _print_summary(run_dir, output: str = "table") -> int:
+    from geco_core.training import Run, strict_json
     from geco_core.training.summary import format_summary
 
     summary = Run.open(run_dir).read_summary()
-    if summary is not None:
-        print(format_summary(summary))
+    if output == "quiet":
+        print(Run.open(run_dir).path)
+    elif summary is not None:
+        print(strict_json(summary) if output == "json" else format_summary(summary))
     return 0
 
 
-def _training(action) -> int:
-    """Run ``action`` (train or resume) and print the summary; a diverged run exits with 3. Under
-    torchrun only the first process prints."""
+def _output(args: argparse.Namespace) -> str:
+    return "json" if args.json else "quiet" if args.quiet else "table"
+
+
+def _callbacks(config, output: str):
+    """The default callbacks for ``output``: without the progress bar for ``quiet`` and ``json``,
+    with the records as JSON lines on stdout for ``json``; None (the defaults) for ``table``."""
+    from geco_core.training import default_callbacks
+    from geco_core.training.callbacks import JsonLines, ProgressBar
+
+    if output == "table":
+        return None
+    chosen = [c for c in default_callbacks(config) if not isinstance(c, ProgressBar)]
+    return chosen + [JsonLines()] if output == "json" else chosen
+
+
+def _training(action, output: str) -> int:
+    """Run ``action`` (train or resume) and print the summary (a table, one JSON object, or the
+    run folder for ``quiet``); a diverged run exits with 3. Under torchrun only the first process
+    prints."""
     from geco_core.training import RunDiverged
 
     first = os.environ.get("RANK", "0") == "0"
@@ -64,24 +83,43 @@ def _training(action) -> int:
         run_dir = action()
     except RunDiverged as exc:
         if first:
-            _print_summary(exc.run_dir)
+            _print_summary(exc.run_dir, output)
             print(f"geco: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
-    return _print_summary(run_dir) if first else 0
+    return _print_summary(run_dir, output) if first else 0
 
 
 def _train(args: argparse.Namespace) -> int:
     _require_train_extra("train")
-    from geco_core.training import train
+    from geco_core.evaluation.kappa import below_floor
+    from geco_core.training import load_config, train
 
-    return _training(lambda: train(args.config, overrides=args.set, run_dir=args.run_dir))
+    config = load_config(args.config, args.set)
+    if os.environ.get("RANK", "0") == "0":
+        for line in below_floor(config):
+            print(f"geco: warning: {line}", file=sys.stderr)
+    output = _output(args)
+    callbacks = _callbacks(config, output)
+    return _training(lambda: train(args.config, config=config, run_dir=args.run_dir, callbacks=callbacks), output)
+
+
+def _find_kappa(args: argparse.Namespace) -> int:
+    _require_train_extra("find-kappa")
+    from geco_core.evaluation.kappa import find_kappa, format_result
+
+    result = find_kappa(args.config, overrides=args.set, steps=args.steps, run_dir=args.run_dir)
+    print(format_result(result))
+    print(f"written: {result['folder']}/kappa.json, kappa.md, kappa.png")
+    return 0
 
 
 def _resume(args: argparse.Namespace) -> int:
     _require_train_extra("resume")
-    from geco_core.training import resume
+    from geco_core.training import Run, resume
 
-    return _training(lambda: resume(args.run_dir, steps=args.steps))
+    output = _output(args)
+    callbacks = _callbacks(Run.open(args.run_dir).config, output)
+    return _training(lambda: resume(args.run_dir, steps=args.steps, callbacks=callbacks), output)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -106,7 +144,10 @@ def _sweep(args: argparse.Namespace) -> int:
     from geco_core.evaluation import sweep, table
 
     options = {"examples": args.examples, "marginal_examples": args.marginal_examples, "seed": args.seed}
-    points = sweep(args.configs, args.out, args.kappa, args.objectives, args.set, options)
+    points = sweep(
+        args.configs, args.out, args.kappa, args.objectives, args.set, options,
+        jobs=args.jobs, backend=args.backend, ray_address=args.ray_address,
+    )  # fmt: skip
     print(table(points))
     print(f"written: {args.out}/sweep.json, sweep.md, information_plane.png, grids-<config>.png")
     return 0
@@ -142,6 +183,12 @@ def _add_set(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_output(p: argparse.ArgumentParser) -> None:
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="no progress; print only the run folder at the end")
+    shown.add_argument("--json", action="store_true", help="a JSON object per logged step, then the summary, on stdout")
+
+
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--examples", type=int, default=10_000, help="held-out examples for NLL/RMSE, train ones for KL")
     p.add_argument(
@@ -166,11 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a TOML config, e.g. configs/quickstart.toml")
     _add_set(p)
     p.add_argument("--run-dir", help="the run folder (default: logging.dir/<name>-<time>)")
+    _add_output(p)
     p.set_defaults(run=_train)
+
+    p = sub.add_parser(
+        "find-kappa", help="one short run with a lambda ramp: reachable kappa, its cost in KL, a suggestion"
+    )
+    p.add_argument("config", help="a TOML config with a GECO objective, e.g. configs/mnist-geco-re.toml")
+    _add_set(p)
+    p.add_argument("--steps", type=int, help="the finder's length (default: train.steps, at most 2000)")
+    p.add_argument("--run-dir", help="its folder (default: logging.dir/kappa-<name>-<time>)")
+    p.set_defaults(run=_find_kappa)
 
     p = sub.add_parser("resume", help="continue a run from its latest checkpoint")
     p.add_argument("run_dir", help="a run folder written by geco train")
     p.add_argument("--steps", type=int, help="train to this total number of steps (default: train.steps)")
+    _add_output(p)
     p.set_defaults(run=_resume)
 
     p = sub.add_parser("eval", help="sigma_opt, quantised-normal NLL, RMSE vs kappa, average and marginal KL")
@@ -185,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kappa", type=float, nargs="+", default=[], help="kappa values for the constrained runs")
     p.add_argument("--objectives", nargs="+", default=["geco"], help="registered objectives (default: geco)")
     p.add_argument("--out", default="runs/sweep", help="the sweep folder (default: runs/sweep); reruns resume it")
+    p.add_argument("--jobs", type=int, help="runs at once (default: one per free core)")
+    p.add_argument("--backend", choices=["local", "ray"], default="local", help="processes here, or Ray tasks")
+    p.add_argument("--ray-address", help="a Ray cluster (default: $RAY_ADDRESS, else a local one)")
     _add_set(p)
     _add_eval_options(p)
     p.set_defaults(run=_sweep)
@@ -200,13 +261,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
     except GecoError as exc:
         print(f"geco: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("geco: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command in ("train", "resume"):
+        from geco_core.training.distributed import exit_process
+
+        exit_process(code)  # a process of a torchrun run: no interpreter finalisation (see there)
+    return code
 
 
 if __name__ == "__main__":

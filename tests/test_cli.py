@@ -95,3 +95,21 @@ def test_models_and_datasets_are_listed(geco_cli):
     assert {"shapes", "mnist", "fashion-mnist", "color-mnist", "mnist-triplets", "cifar10", "celeba"} <= {
         l.split()[0] for l in datasets.stdout.splitlines()[1:]
     }
+
+
+def test_logs_read_well_outside_a_terminal_and_for_scripts(tmp_path, geco_cli):
+    """Not on a terminal: plain progress lines on stderr, not a carriage-return bar; --json: one
+    JSON object per logged step and then the summary on stdout; --quiet: only the run folder."""
+    import json
+
+    config = write_config(tmp_path, {**TINY, "logging": {"progress": True, "eval_examples": 16}})
+    plain = geco_cli("train", config, "--set", "train.steps=40", "--run-dir", tmp_path / "plain")
+    assert plain.returncode == 0 and "\r" not in plain.stderr
+    lines = [line for line in plain.stderr.splitlines() if ": step " in line]
+    assert 2 <= len(lines) <= 21 and lines[-1].startswith("plain: step 40/40 (100%") and "KL " in lines[-1]
+    as_json = geco_cli("train", config, "--set", "train.steps=10", "--json", "--run-dir", tmp_path / "json")
+    objects = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [o["step"] for o in objects[:-1]] == [2, 4, 6, 8, 10] and objects[-1]["status"] == "finished"
+    assert as_json.stderr.count(": step ") == 0
+    quiet = geco_cli("train", config, "--set", "train.steps=4", "--quiet", "--run-dir", tmp_path / "quiet")
+    assert quiet.stdout.strip() == str(tmp_path / "quiet") and ": step " not in quiet.stderr

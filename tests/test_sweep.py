@@ -50,13 +50,15 @@ def test_plan_names_runs_by_objective_and_kappa_and_checks_its_arguments(tmp_pat
 def test_a_sweep_trains_evaluates_plots_and_resumes_without_redoing_finished_runs(tmp_path):
     cfg, out = _config(tmp_path), tmp_path / "sweep"
     lines: list[str] = []
-    points = sweep([cfg], out, kappas=[0.1, 0.2], objectives=["geco", "elbo"], eval_options=EVAL, log=lines.append)
+    points = sweep(
+        [cfg], out, kappas=[0.1, 0.2], objectives=["geco", "elbo"], eval_options=EVAL, log=lines.append, jobs=1
+    )
     assert [(p["run"], p["kappa"]) for p in points] == [("geco-k0.1", 0.1), ("geco-k0.2", 0.2), ("elbo", 0.15)]
     assert json.loads((out / "sweep.json").read_text()) == points
     assert (out / "sweep.md").read_text().count("| tiny |") == 3
     assert min(_png_size(out / "information_plane.png")) > 100
     assert min(_png_size(out / "grids-tiny.png")) > 50
-    assert sum("trained; evaluating" in line for line in lines) == 3
+    assert sum("trained and evaluated" in line for line in lines) == 3
 
     # a second sweep keeps finished runs and their evaluations untouched
     runs = [out / "tiny" / p["run"] for p in points]
@@ -67,9 +69,9 @@ def test_a_sweep_trains_evaluates_plots_and_resumes_without_redoing_finished_run
     (runs[2] / CHECKPOINT).unlink()
     again: list[str] = []
     again_points = sweep(
-        [cfg], out, kappas=[0.1, 0.2], objectives=["geco", "elbo"], eval_options=EVAL, log=again.append
+        [cfg], out, kappas=[0.1, 0.2], objectives=["geco", "elbo"], eval_options=EVAL, log=again.append, jobs=1
     )
-    done = [line.split(": ")[1].split(";")[0] for line in again if "evaluating" in line]
+    done = [line.split(": ")[1].removesuffix(" and evaluated") for line in again]
     assert done == ["kept", "resumed", "trained"]
     assert (os.stat(runs[0] / CHECKPOINT).st_mtime_ns, os.stat(runs[0] / "eval.json").st_mtime_ns) == stamps[runs[0]]
     # resumed at its final step: nothing to train, the summary written again from the same checkpoint
@@ -80,10 +82,10 @@ def test_a_sweep_trains_evaluates_plots_and_resumes_without_redoing_finished_run
 
 def test_a_sweep_refuses_a_run_folder_made_with_another_config_and_leaves_it_alone(tmp_path):
     cfg, out = _config(tmp_path), tmp_path / "sweep"
-    sweep([cfg], out, kappas=[0.1], eval_options=EVAL, log=lambda _: None)
+    sweep([cfg], out, kappas=[0.1], eval_options=EVAL, log=lambda _: None, jobs=1)
     before = (out / "tiny" / "geco-k0.1" / CHECKPOINT).read_bytes()
     with pytest.raises(ConfigError, match="geco-k0.1 was trained with a different config"):
-        sweep([cfg], out, kappas=[0.1], overrides=["train.lr=0.01"], eval_options=EVAL, log=lambda _: None)
+        sweep([cfg], out, kappas=[0.1], overrides=["train.lr=0.01"], eval_options=EVAL, log=lambda _: None, jobs=1)
     assert (out / "tiny" / "geco-k0.1" / CHECKPOINT).read_bytes() == before
 
 
@@ -138,3 +140,54 @@ def test_plot_draws_the_curves_of_several_runs_and_rejects_a_folder_without_metr
     bad = geco_cli("plot", a, b, "--out", tmp_path / "x.png")
     assert bad.returncode == 2 and "has no metrics.jsonl" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def _metrics_of(out, points) -> dict[str, list]:
+    return {p["run"]: (out / "tiny" / p["run"] / "metrics.jsonl").read_text().splitlines() for p in points}
+
+
+def test_a_sweep_in_parallel_gives_every_run_the_metrics_it_gets_alone(tmp_path):
+    """Four runs, two at a time in processes of their own, against one after another (one
+    thread each either way): the same metrics, line for line, and the same points."""
+    cfg, sets = _config(tmp_path), ["train.threads=1"]
+    kwargs = {"kappas": [0.1, 0.2, 0.3], "objectives": ["geco", "elbo"], "overrides": sets, "eval_options": EVAL}
+    one = sweep([cfg], tmp_path / "one", log=lambda _: None, jobs=1, **kwargs)
+    lines: list[str] = []
+    two = sweep([cfg], tmp_path / "two", log=lines.append, jobs=2, **kwargs)
+    assert len(one) == len(two) == 4 and sorted(lines) == sorted(set(lines))
+    assert _metrics_of(tmp_path / "one", one) == _metrics_of(tmp_path / "two", two)
+    assert one == two
+
+
+def test_a_failed_run_is_reported_in_one_line_and_the_others_go_on(tmp_path, monkeypatch):
+    import importlib
+
+    from geco_core.errors import GecoError
+
+    module = importlib.import_module("geco_core.evaluation.sweep")  # the package exports sweep() by that name
+
+    real = module._ensure_trained
+
+    def broken(run_dir, config):  # one run's own failure, as a bad option would be
+        if run_dir.name == "geco-k0.2":
+            raise ConfigError("objective.sigma must be > 0, got -1.0")
+        return real(run_dir, config)
+
+    monkeypatch.setattr(module, "_ensure_trained", broken)
+    lines: list[str] = []
+    with pytest.raises(GecoError, match=r"1 of 2 runs of the sweep failed: tiny/geco-k0.2: objective.sigma"):
+        sweep([_config(tmp_path)], tmp_path / "s", kappas=[0.1, 0.2], log=lines.append, jobs=1, eval_options=EVAL)
+    assert any("geco-k0.1: trained and evaluated" in line for line in lines)
+    assert any("geco-k0.2: failed: objective.sigma must be > 0" in line for line in lines)
+    assert [p["run"] for p in json.loads((tmp_path / "s" / "sweep.json").read_text())] == ["geco-k0.1"]
+
+
+def test_a_sweep_runs_on_ray_with_the_same_metrics(tmp_path):
+    """Ray's local cluster (the optional extra geco-core[ray]), two runs as Ray tasks: the same
+    metrics as one after another in this process."""
+    pytest.importorskip("ray")
+    cfg, sets = _config(tmp_path), ["train.threads=1"]
+    kwargs = {"kappas": [0.1, 0.2], "overrides": sets, "eval_options": EVAL}
+    alone = sweep([cfg], tmp_path / "alone", log=lambda _: None, jobs=1, **kwargs)
+    on_ray = sweep([cfg], tmp_path / "ray", log=lambda _: None, jobs=2, backend="ray", **kwargs)
+    assert _metrics_of(tmp_path / "alone", alone) == _metrics_of(tmp_path / "ray", on_ray)

@@ -11,13 +11,17 @@ different config is never touched: the sweep stops and names it.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from geco_core.errors import ConfigError
+import attrs
+
+from geco_core.errors import ConfigError, GecoError
 from geco_core.plugins import registry
 from geco_core.training import Config, Run, load_config, resume, strict_json, train, write_atomic
+from geco_core.training.machine import free_cores
 
 __all__ = ["plan", "sweep", "run_name", "table", "eval_defaults"]
 
@@ -32,9 +36,11 @@ def _constrained(objective: str) -> bool:
 
 
 def _comparable(config: Config) -> dict[str, Any]:
-    """What must agree for a run folder to be reused: everything but the logging section."""
+    """What must agree for a run folder to be reused: everything but the logging section and the
+    number of threads."""
     data = config.to_dict()
     data.pop("logging", None)
+    data["train"].pop("threads", None)
     return data
 
 
@@ -70,15 +76,22 @@ def plan(
     return runs
 
 
+def _check_folder(run_dir: Path, config: Config) -> None:
+    """A run folder already there must hold a run of the same config (logging and threads aside)."""
+    if (run_dir / "config.toml").is_file() and _comparable(Run.open(run_dir).config) != _comparable(config):
+        raise ConfigError(f"{run_dir} was trained with a different config; move it away or choose another --out")
+
+
 def _ensure_trained(run_dir: Path, config: Config) -> str:
-    """Train, resume or keep the run in ``run_dir``; returns what was done."""
+    """Train, resume or keep the run in ``run_dir``; returns what was done. A resumed run takes
+    this sweep's machine settings (threads, progress)."""
     if (run_dir / "config.toml").is_file():
         run = Run.open(run_dir)
-        if _comparable(run.config) != _comparable(config):
-            raise ConfigError(f"{run_dir} was trained with a different config; move it away or choose another --out")
         if run.summary_path.is_file():
             return "kept"
         started = run.has_checkpoint()
+        machine = attrs.evolve(run.config.train, threads=config.train.threads)
+        run.save_config(attrs.evolve(run.config, train=machine, logging=config.logging))
         resume(run_dir)  # from its checkpoint, or from step 0 if it died before the first
         return "resumed" if started else "trained"
     train(config=config, run_dir=run_dir)
@@ -149,33 +162,121 @@ def sweep(
     overrides: Sequence[str] = (),
     eval_options: dict[str, Any] | None = None,
     log=print,
+    jobs: int | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> list[dict[str, Any]]:
     """Train (or resume) every run of the sweep, evaluate each, and write ``OUT/sweep.json``,
-    ``OUT/sweep.md``, ``OUT/information_plane.png`` and ``OUT/grids-<config>.png``."""
+    ``OUT/sweep.md``, ``OUT/information_plane.png`` and ``OUT/grids-<config>.png``.
+
+    ``jobs`` runs at once (default: one per free core), each with its share of the cores as
+    torch threads (unless ``train.threads`` says otherwise): in processes of this machine
+    (``backend="local"``) or as Ray tasks (``"ray"``: the cluster at ``ray_address`` or
+    ``$RAY_ADDRESS``, else a local one). A run that fails is reported with its one-line error and
+    the others go on; the sweep then raises a :class:`GecoError` naming the failures."""
     from geco_core.figures import plot_information_plane, save_grids
 
     runs = plan(configs, kappas, objectives, overrides)
     out = Path(out)
     options = {**eval_defaults(), **(eval_options or {})}
+    for stem, name, config in runs:
+        _check_folder(out / stem / name, config)
+    jobs = max(1, min(jobs or free_cores(), len(runs)))
+    tasks = [(str(out / stem / name), _for_job(config, jobs).to_dict(), options) for stem, name, config in runs]
+    reports: dict[int, dict[str, Any]] = {}
+    failures = []
+    for k, result in _run_all(tasks, jobs, backend, ray_address):
+        stem, name, config = runs[k]
+        where = f"[{len(reports) + len(failures) + 1}/{len(runs)}] {out / stem / name}"
+        if "error" in result:
+            failures.append(f"{stem}/{name}: {result['error']}")
+            log(f"{where}: failed: {result['error']}")
+        else:
+            reports[k] = result
+            log(f"{where}: {result.pop('done')} and evaluated")
     points, blocks = [], {}
-    for k, (stem, name, config) in enumerate(runs, 1):
-        run_dir = out / stem / name
-        log(f"[{k}/{len(runs)}] {run_dir}: training")
-        done = _ensure_trained(run_dir, config)
-        log(f"[{k}/{len(runs)}] {run_dir}: {done}; evaluating")
-        report = _evaluation(run_dir, options)
-        group = f"{config.data.name} · {config.model.name}"
-        points.append(_point(group, stem, name, report))
-        blocks.setdefault(stem, []).append((name, run_dir))
+    for k in sorted(reports):
+        stem, name, config = runs[k]
+        points.append(_point(f"{config.data.name} · {config.model.name}", stem, name, reports[k]))
+        blocks.setdefault(stem, []).append((name, out / stem / name))
     text = strict_json(points, indent=2).encode()
     write_atomic(out / "sweep.json", lambda f: f.write(text))
     md = table(points).encode() + b"\n"
     write_atomic(out / "sweep.md", lambda f: f.write(md))
-    plot_information_plane(points, out / "information_plane.png")
+    if points:
+        plot_information_plane(points, out / "information_plane.png")
     for stem, members in blocks.items():
         grids = [(name, *_run_grid(d)) for name, d in members]
         save_grids([(name, rows) for name, rows, _ in grids], out / f"grids-{stem}.png", grids[0][2])
+    if failures:
+        raise GecoError(f"{len(failures)} of {len(runs)} runs of the sweep failed: " + "; ".join(failures))
     return points
+
+
+def _for_job(config: Config, jobs: int) -> Config:
+    """The config as a job of ``jobs`` running together: its share of the free cores as threads
+    (unless ``train.threads`` is set) and, beside others, no progress bar of its own."""
+    if jobs == 1:
+        return config
+    train_ = config.train if config.train.threads else attrs.evolve(config.train, threads=max(1, free_cores() // jobs))
+    return attrs.evolve(config, train=train_, logging=attrs.evolve(config.logging, progress=False))
+
+
+def run_one(run_dir: str, doc: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """Train (or keep, or resume) and evaluate one run of a sweep: its evaluation report with
+    ``done`` (what was done), or ``{"error": one line}``; in a worker process or a Ray task."""
+    try:
+        done = _ensure_trained(Path(run_dir), Config.from_dict(doc))
+        return {**_evaluation(Path(run_dir), options), "done": done}
+    except GecoError as exc:
+        return {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - any failure is this run's, not the sweep's
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+
+
+def _run_all(tasks: list[tuple], jobs: int, backend: str, ray_address: str | None):
+    """``(index, result)`` of every task as it completes."""
+    if backend == "ray":
+        yield from _run_on_ray(tasks, jobs, ray_address)
+    elif backend != "local":
+        raise ConfigError(f"--backend must be local or ray, got {backend!r}")
+    elif jobs == 1:
+        yield from ((k, run_one(*task)) for k, task in enumerate(tasks))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        context = multiprocessing.get_context("spawn")  # no fork of a process with torch's threads
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            futures = {pool.submit(run_one, *task): k for k, task in enumerate(tasks)}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+
+
+def _run_on_ray(tasks: list[tuple], jobs: int, address: str | None):
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--backend ray needs Ray: pip install 'geco-core[ray]'") from None
+    import torch
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, log_to_driver=False)
+    threads = [Config.from_dict(doc).train.threads or 1 for _, doc, _ in tasks]
+    gpus = 1 if torch.cuda.is_available() and address is None else 0
+    try:
+        remote = ray.remote(run_one)
+        refs = {}
+        for k, (task, n) in enumerate(zip(tasks, threads)):
+            refs[remote.options(num_cpus=n, num_gpus=gpus).remote(*task)] = k
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield refs[ready[0]], ray.get(ready[0])
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _run_grid(run_dir: Path) -> tuple[list, list[str]]:

@@ -22,8 +22,9 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import torch
@@ -34,7 +35,7 @@ from geco_core.data.base import DataBatch
 from geco_core.errors import ConfigError
 from geco_core.models.base import Output
 
-__all__ = ["DataParallelGroup", "join_group", "leave_group", "ModelAndObjective"]
+__all__ = ["DataParallelGroup", "join_group", "leave_group", "exit_process", "ModelAndObjective"]
 
 
 @attrs.frozen
@@ -69,13 +70,14 @@ class DataParallelGroup:
                 "it is the global batch, shared equally"
             )
 
-    def all_finite(self, finite: bool, device: torch.device) -> bool:
-        """True on every process when it is true on all of them."""
+    def all_true(self, flag: Tensor) -> Tensor:
+        """A scalar bool tensor, true on every process where it is true on all of them (an
+        all-reduce on the device; no host sync)."""
         if not self.distributed:
-            return finite
-        flag = torch.tensor([1.0 if finite else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item() > 0)
+            return flag
+        value = flag.to(torch.int32).reshape(1)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return value[0].bool()
 
     def mean(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
         """Scalar tensors averaged over the processes (each holds an equal piece of the batch)."""
@@ -120,6 +122,19 @@ def join_group(device: str) -> DataParallelGroup:
         backend = "nccl" if cuda else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
     return DataParallelGroup(rank, dist.get_world_size(), local)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process of a distributed run, once it has left its group: flush what it printed and
+    exit without finalising the interpreter. Finalisation would destroy whatever of gloo Python
+    still references (a process group or its work, kept by an object in a reference cycle) while
+    the interpreter is torn down; gloo's threads then wait for the GIL that finalisation holds and
+    the process aborts with SIGABRT ("terminate called without an active exception") after a run
+    that finished (the mechanism of pytorch/pytorch#179291). Everything geco writes is closed by
+    then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def leave_group() -> None:

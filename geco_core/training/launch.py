@@ -2,7 +2,7 @@
 
 Each joins the data-parallel group torchrun describes (one process: a group of one), builds the
 experiment before anything is written, holds the run folder's lock while it trains, fits with the
-default callbacks (:func:`~geco_core.training.callbacks.default_callbacks`) or the caller's, and
+default callbacks (:func:`default_callbacks`) or the caller's, and
 leaves the group with every process together.
 """
 
@@ -15,14 +15,24 @@ from pathlib import Path
 import attrs
 
 from geco_core.errors import ConfigError, GecoError
-from geco_core.training.callbacks import Callback, default_callbacks
+from geco_core.training.callbacks import (
+    Callback,
+    Checkpointing,
+    DivergenceGuard,
+    MetricsFile,
+    Plots,
+    ProgressBar,
+    Summary,
+    TensorBoard,
+)
 from geco_core.training.config import Config, load_config
 from geco_core.training.distributed import DataParallelGroup, join_group, leave_group
 from geco_core.training.experiment import Experiment, build
 from geco_core.training.loop import Trainer
 from geco_core.training.run import Run
+from geco_core.training.tracking import MlflowTracking
 
-__all__ = ["train", "resume", "RunDiverged"]
+__all__ = ["train", "resume", "default_callbacks", "RunDiverged"]
 
 
 class RunDiverged(GecoError):
@@ -116,6 +126,27 @@ def _resume(
             run.save_config(config)
         group.barrier()
         _fit(exp, run, start, callbacks, extra_callbacks)
+
+
+def default_callbacks(config: Config, group: DataParallelGroup | None = None) -> list[Callback]:
+    """The callbacks ``geco train`` uses: metrics file, TensorBoard, MLflow, progress, divergence
+    guard, checkpoints, plots, summary (as ``logging`` chooses). Processes other than the first
+    only guard and take part in checkpoints (which gather every process's RNG state); they write
+    nothing."""
+    if group is not None and not group.main:
+        return [DivergenceGuard(), Checkpointing()]
+    chosen: list[Callback] = [MetricsFile()]
+    if config.logging.tensorboard:
+        chosen.append(TensorBoard())
+    if config.logging.mlflow:
+        chosen.append(MlflowTracking())
+    if config.logging.progress:
+        chosen.append(ProgressBar())
+    chosen += [DivergenceGuard(), Checkpointing()]
+    if config.logging.plots:
+        chosen.append(Plots())
+    chosen.append(Summary())
+    return chosen
 
 
 def _fit(

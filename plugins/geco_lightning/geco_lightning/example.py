@@ -88,6 +88,13 @@ def main(argv=None) -> None:
     trainer.fit(module, loader, ckpt_path=args.resume)
     if trainer.global_rank == 0:
         print(json.dumps({"step": trainer.global_step, **module.geco.report()}))
+    if trainer.world_size > 1:  # every process leaves the group, then exits without finalising
+        from geco_core.training.distributed import exit_process, leave_group
+
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            leave_group()
+        exit_process(0)
 
 
 if __name__ == "__main__":
