@@ -73,6 +73,22 @@ def test_the_knee_is_where_a_further_percent_costs_more_than_knee_percent_of_kl(
     assert finder._knee(list(zip(values, kls)), 0.0) == pytest.approx(knee_at)
 
 
+def test_the_floor_is_never_looser_than_a_value_the_run_measured_nor_the_suggestion_tighter_than_it():
+    """A model that keeps learning on the way down (the quickstart's shapes) measures there a value
+    tighter than the held part's extrapolated floor: that value was reached, so it is the floor,
+    and no suggestion or table entry lies beyond it."""
+    held = [{"step": s, "values": {"re": 0.08 + 0.5 * s**-0.5}, "kl": 120.0} for s in range(50, 1001, 50)]
+    down = [0.065 + 0.006 * i for i in range(20)]  # tight to loose while lambda falls
+    ramp = [{"step": 1000 + 50 * (i + 1), "values": {"re": v}, "kl": 100.0 * 0.8**i} for i, v in enumerate(down)]
+    meta = {"re": {"units": "rmse", "kappa": 0.1, "direction": "lower is tighter", "perfect": 0.0}}
+    (result,) = finder.analyse(held + ramp, meta, budget=2000, hold_steps=1000).values()
+    extrapolated = 0.08 + 0.5 * 2000**-0.5
+    assert result["floor"] == pytest.approx(0.065) and 0.065 < extrapolated
+    assert result["suggested_kappa"] >= result["floor"]
+    assert all(row["kappa"] >= result["floor"] - 1e-3 for row in result["table"])  # 3 digits
+    assert finder.predict_kl(result, 0.064) is None  # tighter than anything reached: out of reach
+
+
 def test_predictions_interpolate_log_linearly_and_say_what_lies_beyond_the_curve():
     result = {
         "direction": "lower is tighter",

@@ -10,8 +10,9 @@ with the same seed) are measured: each constraint's value in kappa's units and t
 From those measurements, per constraint:
 
 * **the reachable floor** at the user's budget (``train.steps``): the held part's learning curve
-  ``v(t) = v_inf + a t^-b`` (least squares, ``b`` on a grid) extrapolated to the budget; the best
-  value measured where the fit does not hold;
+  ``v(t) = v_inf + a t^-b`` (least squares, ``b`` on a grid) extrapolated to the budget, or the
+  best value measured anywhere in the run (held or on the way down) where that is tighter or the
+  fit does not hold;
 * **the curve** of the way down, kappa against the KL it took (the lower envelope: for each value,
   the least KL of any point at least as tight), which predicts what a GECO run at kappa pays
   (log-linear between points);
@@ -231,7 +232,7 @@ def analyse(points: Sequence[dict[str, Any]], constraints: dict[str, dict], budg
         direction = -1 if meta["direction"].startswith("lower") else 1
         held = [(p["step"], p["values"][name]) for p in points if p["step"] <= hold_steps]
         ramp = [(p["values"][name], p["kl"]) for p in points if p["step"] > hold_steps]
-        measured = min((v for _, v in held), key=lambda v: direction * -v, default=None)
+        measured = min((p["values"][name] for p in points), key=lambda v: direction * -v, default=None)
         fitted, fit = _power_law_floor([p for p in held if p[0] >= 0.5 * hold_steps], budget)  # well after the climb
         floor = fitted if fitted is not None and direction * (fitted - measured) >= 0 else measured
         envelope = _envelope(ramp, direction) if ramp else []

@@ -15,8 +15,9 @@ probability: the batch mean of the log form is ``<= 0`` when the geometric mean 
 kappa, which implies that the arithmetic mean is too. ``reached`` reports that geometric mean.
 
 Scales (for GECO's controllers): log form ``value_scale = -log kappa`` (the way to certainty) and
-``multiplier_scale = 1`` (the cross-entropy is in nats, like the KL); probability form
-``value_scale = 1 - kappa`` and ``multiplier_scale = 1 / (1 - kappa)``.
+``multiplier_scale = 1 / value_scale`` (a change of the constraint by its whole way to certainty is
+worth one nat of KL); probability form ``value_scale = 1 - kappa`` and ``multiplier_scale = 1 /
+(1 - kappa)``, the same rule.
 
 The true class comes from the batch's labels, or, where the data has none (or ``use_labels=False``),
 from the classifier's own prediction on the target. Images with C channels of stacked digits
@@ -75,7 +76,8 @@ class ClassifierAccuracy(Constraint):
                 raise ConfigError(f"cla: the classifier reads 28x28 digits, but the images are {tuple(image_shape)}")
         self.kappa, self.form, self.use_labels, self.dim = kappa, form, use_labels, int(channels)
         if form == "log":
-            self.value_scale, self.multiplier_scale = -math.log(kappa), 1.0
+            self.value_scale = -math.log(kappa)
+            self.multiplier_scale = 1 / self.value_scale
         else:
             self.value_scale, self.multiplier_scale = 1 - kappa, 1 / (1 - kappa)
         self.weights = weights

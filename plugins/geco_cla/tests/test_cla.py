@@ -37,17 +37,19 @@ def test_shipped_weights_reproduce_their_recorded_accuracy_on_the_real_test_set(
     assert acc >= 0.99 and acc == pytest.approx(recorded, abs=1e-4)
 
 
-def test_shipped_weights_are_small_and_checksummed(tmp_path, monkeypatch):
-    assert network.WEIGHTS.stat().st_size < 1_000_000
-    assert sha256(network.WEIGHTS) == network.WEIGHTS_SHA256
-    tampered = tmp_path / "mnist_classifier.safetensors"
-    shutil.copy(network.WEIGHTS, tampered)
+@pytest.mark.parametrize("name", ["shipped", "twin"])
+def test_shipped_weights_are_small_and_checksummed(tmp_path, monkeypatch, name):
+    path, digest = network.SHIPPED[name]
+    assert path.stat().st_size < 1_000_000
+    assert sha256(path) == digest
+    tampered = tmp_path / path.name
+    shutil.copy(path, tampered)
     data = bytearray(tampered.read_bytes())
     data[-10] ^= 0xFF
     tampered.write_bytes(bytes(data))
-    monkeypatch.setattr(network, "WEIGHTS", tampered)
+    monkeypatch.setitem(network.SHIPPED, name, (tampered, digest))
     with pytest.raises(ConfigError, match="does not match its recorded sha256"):
-        network.load_classifier()
+        network.load_classifier(name)
 
 
 def test_a_user_weights_file_of_another_architecture_is_refused(tmp_path):

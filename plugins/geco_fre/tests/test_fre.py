@@ -96,13 +96,15 @@ def test_shipped_stages_reproduce_their_recorded_probe_accuracy_on_the_real_test
     assert float(metadata()["test_accuracy"]) > 0.85  # the whole classifier's, recorded when trained
 
 
-def test_shipped_weights_are_small_and_checksummed(tmp_path, monkeypatch):
-    assert network.WEIGHTS.stat().st_size < 1_000_000
-    assert sha256(network.WEIGHTS) == network.WEIGHTS_SHA256
+@pytest.mark.parametrize("name", ["shipped", "twin"])
+def test_shipped_weights_are_small_and_checksummed(tmp_path, monkeypatch, name):
+    path, digest = network.SHIPPED[name]
+    assert path.stat().st_size < 1_000_000
+    assert sha256(path) == digest
     assert metadata()["arch"] == "resnet18" and metadata()["stages"] == "0,1"
-    monkeypatch.setattr(network, "WEIGHTS_SHA256", "0" * 64)
+    monkeypatch.setitem(network.SHIPPED, name, (path, "0" * 64))
     with pytest.raises(ConfigError, match="does not match its recorded sha256"):
-        FeatureReconstructionError(kappa=0.3)
+        FeatureReconstructionError(kappa=0.3, weights=name)
 
 
 def test_stages_that_were_not_shipped_are_refused():
