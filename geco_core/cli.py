@@ -268,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("geco: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:  # the reader of stdout went away (`geco train --json | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("geco: stopped: nothing reads the output any more", file=sys.stderr)
+        code = 141
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command in ("train", "resume"):
         from geco_core.training.distributed import exit_process
 

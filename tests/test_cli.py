@@ -97,6 +97,22 @@ def test_models_and_datasets_are_listed(geco_cli):
     }
 
 
+def test_a_closed_output_pipe_stops_the_run_with_one_line(tmp_path):
+    """`geco train --json | head -1`: when the reader goes away the run stops with one line on
+    stderr and exit code 141 (128 + SIGPIPE), not a traceback."""
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path, {**TINY, "train": {**TINY["train"], "log_every": 1}})
+    cmd = [sys.executable, "-m", "geco_core.cli", "train", str(config), "--json", "--set", "train.steps=100000"]
+    proc = subprocess.Popen([*cmd, "--run-dir", str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert json.loads(proc.stdout.readline())["step"] == 1
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("geco: stopped:")
+
+
 def test_logs_read_well_outside_a_terminal_and_for_scripts(tmp_path, geco_cli):
     """Not on a terminal: plain progress lines on stderr, not a carriage-return bar; --json: one
     JSON object per logged step and then the summary on stdout; --quiet: only the run folder."""

@@ -290,6 +290,8 @@ def test_the_fingerprint_ignores_kappa_and_logging_but_not_the_rest():
     assert finder.fingerprint(base) == finder.fingerprint(config(constraints=[{"name": "test-mae", "kappa": 0.5}]))
     assert finder.fingerprint(base) == finder.fingerprint(config(logging={"dir": "elsewhere"}))
     assert finder.fingerprint(base) == finder.fingerprint(config(train={"steps": 99}))  # kept in the result
+    machine = {"threads": 1, "device": "cpu", "compile": True, "seed": 3, "log_every": 7, "checkpoint_every": 9}
+    assert finder.fingerprint(base) == finder.fingerprint(config(train=machine))
     assert finder.fingerprint(base) != finder.fingerprint(config(train={"lr": 0.1}))
     assert finder.fingerprint(base) != finder.fingerprint(config(model={"latent_dim": 8}))
 

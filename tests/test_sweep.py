@@ -191,3 +191,37 @@ def test_a_sweep_runs_on_ray_with_the_same_metrics(tmp_path):
     alone = sweep([cfg], tmp_path / "alone", log=lambda _: None, jobs=1, **kwargs)
     on_ray = sweep([cfg], tmp_path / "ray", log=lambda _: None, jobs=2, backend="ray", **kwargs)
     assert _metrics_of(tmp_path / "alone", alone) == _metrics_of(tmp_path / "ray", on_ray)
+
+
+def test_an_interrupted_parallel_sweep_stops_its_workers_and_resumes(tmp_path):
+    """Ctrl-C on `geco sweep --jobs 2` (the driver's SIGINT) ends it with code 130 and one line,
+    its workers stop with it (no run goes on training), and the same sweep again resumes both
+    runs from their checkpoints to the end."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    doc = {**TINY, "train": {**TINY["train"], "steps": 2000, "checkpoint_every": 20, "log_every": 20}}
+    path = tmp_path / "tiny.toml"
+    path.write_text(tomli_w.dumps(doc))
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "geco_core.cli", "sweep", str(path), "--kappa", "0.1", "0.2", "--jobs", "2"]
+    cmd += ["--out", str(out), "--examples", "32", "--marginal-examples", "16"]
+    metrics = [out / "tiny" / name / "metrics.jsonl" for name in ("geco-k0.1", "geco-k0.2")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not all(m.exists() and m.read_text().count("\n") >= 2 for m in metrics):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    sizes = [m.stat().st_size for m in metrics]
+    time.sleep(1.0)
+    assert [m.stat().st_size for m in metrics] == sizes  # nothing trains on
+    assert not (out / "sweep.json").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("resumed and evaluated") == 2
+    assert [json.loads(line)["step"] for line in metrics[0].read_text().splitlines()][-1] == 2000

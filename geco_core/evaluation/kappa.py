@@ -74,10 +74,13 @@ PROBE_EXAMPLES, PROBES = 400, 40
 
 def fingerprint(config: Config) -> str:
     """What a finder's result is valid for: the config apart from the constraints' kappa, the
-    budget (``train.steps``, kept in the result) and the logging section."""
+    budget (``train.steps``, kept in the result), the logging section, the seed and the settings
+    of the machine and the run's bookkeeping (threads, device, compile, checkpoints, records)."""
     doc = config.to_dict()
     doc.pop("logging", None)
-    doc["train"].pop("steps", None)
+    bookkeeping = ("steps", "seed", "threads", "device", "compile", "checkpoint_every", "log_every")
+    for key in (*bookkeeping, "validate_every", "max_nonfinite_steps"):
+        doc["train"].pop(key, None)
     for c in doc.get("constraints", []):
         c.pop("kappa", None)
         c.pop("kappa_psnr", None)

@@ -10,6 +10,7 @@ different config is never touched: the sweep stops and names it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -185,15 +186,16 @@ def sweep(
     tasks = [(str(out / stem / name), _for_job(config, jobs).to_dict(), options) for stem, name, config in runs]
     reports: dict[int, dict[str, Any]] = {}
     failures = []
-    for k, result in _run_all(tasks, jobs, backend, ray_address):
-        stem, name, config = runs[k]
-        where = f"[{len(reports) + len(failures) + 1}/{len(runs)}] {out / stem / name}"
-        if "error" in result:
-            failures.append(f"{stem}/{name}: {result['error']}")
-            log(f"{where}: failed: {result['error']}")
-        else:
-            reports[k] = result
-            log(f"{where}: {result.pop('done')} and evaluated")
+    with contextlib.closing(_run_all(tasks, jobs, backend, ray_address)) as results:
+        for k, result in results:
+            stem, name, config = runs[k]
+            where = f"[{len(reports) + len(failures) + 1}/{len(runs)}] {out / stem / name}"
+            if "error" in result:
+                failures.append(f"{stem}/{name}: {result['error']}")
+                log(f"{where}: failed: {result['error']}")
+            else:
+                reports[k] = result
+                log(f"{where}: {result.pop('done')} and evaluated")
     points, blocks = [], {}
     for k in sorted(reports):
         stem, name, config = runs[k]
@@ -244,13 +246,19 @@ def _run_all(tasks: list[tuple], jobs: int, backend: str, ray_address: str | Non
         yield from ((k, run_one(*task)) for k, task in enumerate(tasks))
     else:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        import signal
 
         context = multiprocessing.get_context("spawn")  # no fork of a process with torch's threads
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-            futures = {pool.submit(run_one, *task): k for k, task in enumerate(tasks)}
-            for future in as_completed(futures):
-                yield futures[future], future.result()
+        # Workers ignore Ctrl-C; leaving this block (the sweep interrupted, or done) terminates
+        # them, and an interrupted run resumes from its last checkpoint on the next sweep.
+        ignore_interrupt = (signal.SIGINT, signal.SIG_IGN)
+        with context.Pool(jobs, signal.signal, ignore_interrupt, maxtasksperchild=1) as pool:
+            yield from pool.imap_unordered(_run_indexed, enumerate(tasks))
+
+
+def _run_indexed(item: tuple[int, tuple]) -> tuple[int, dict[str, Any]]:
+    k, task = item
+    return k, run_one(*task)
 
 
 def _run_on_ray(tasks: list[tuple], jobs: int, address: str | None):
