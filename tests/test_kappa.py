@@ -338,6 +338,22 @@ def test_an_unreachable_kappa_is_explained_with_what_to_do(tmp_path):
     assert line in format_summary(summary)
 
 
+def test_a_kappa_still_violated_at_the_end_gets_the_same_remedies(tmp_path):
+    """A constraint that was neither met nor stalled (still improving when the budget ran out) is
+    `violated`, and the summary says what to do about it as for an unreachable one."""
+    cfg = config(
+        objective={"name": "geco", "geco": {"alpha": 0.9, "controller": "paper"}},
+        constraints=[{"name": "test-mae", "kappa": 1e-4}],
+        train={"steps": 20, "log_every": 5},
+    )
+    summary = json.loads((train(config=cfg, run_dir=tmp_path / "run") / "summary.json").read_text())
+    (row,) = summary["constraints"]
+    (line,) = summary["advice"]
+    assert row["status"] == "violated"
+    assert line.startswith(f"test-mae: kappa 0.0001 was not met in this run (reached {row['reached']:.4g})")
+    assert "geco find-kappa" in line and "train.steps" in line and "max_factor" in line
+
+
 @needs_plugins
 def test_learned_constraints_have_an_independent_twin_that_summaries_report():
     """CLA's and FRE's shipped networks each have a twin (the same recipe, another seed), a

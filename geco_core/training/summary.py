@@ -81,12 +81,20 @@ def advice(rows: list[dict[str, Any]], config_name: str) -> list[str]:
     """What a user can do about each unreachable component, and each met under its own network
     but not under its twin: one line each."""
     lines = []
+    remedies = (
+        f"Choose a reachable kappa with `geco find-kappa {config_name}`, give it more train.steps, or let "
+        "lambda grow further (controller max_factor)."
+    )
     for r in rows:
         if r.get("status") == "unreachable":
             lines.append(
                 f"{r['component']}: kappa {r['kappa']:g} is out of reach at this budget; the best it reached was "
-                f"{r['best']:.4g} at step {r['best_step']}. Choose a reachable kappa with `geco find-kappa "
-                f"{config_name}`, give it more train.steps, or let lambda grow further (controller max_factor)."
+                f"{r['best']:.4g} at step {r['best_step']}. {remedies}"
+            )
+        elif r.get("status") == "violated" and "lambda" in r and r.get("reached") is not None:
+            lines.append(
+                f"{r['component']}: kappa {r['kappa']:g} was not met in this run (reached {r['reached']:.4g}), perhaps "
+                f"out of reach at this budget. {remedies}"
             )
         if r.get("twin_status") == "violated" and r.get("heldout_value", 1.0) <= 0:
             twin = r.get("heldout_twin_reached", r.get("heldout_twin_value"))
