@@ -298,7 +298,7 @@ class GECO(nn.Module):
         """The multipliers after the last step: one typed record per component (name, kappa,
         ``c_hat``, ``c_ma``, lambda, beta, the value reached in kappa's units, status, best value and
         step, the controller's own; :class:`~geco_core.state.ComponentState`). One host sync."""
-        target = self.c_ma + self.gap  # what the controller drives to <= 0
+        target = self.target
         progress = self.controller.progress(self._signals(target, self.step.new_ones((), dtype=torch.bool)))
         lambdas = self.lambdas
         columns = {
@@ -372,10 +372,16 @@ class GECO(nn.Module):
         keys of :meth:`GecoState.flat <geco_core.state.GecoState.flat>`, for a logger."""
         return self.state().flat()
 
+    @property
+    def target(self) -> Tensor:
+        """``(L,)``: what the controller drives to ``<= 0``, each component's moving average plus
+        its generalisation gap (:meth:`validate`)."""
+        return self.c_ma + self.gap
+
     def satisfied(self) -> Tensor:
         """Boolean ``(L,)``: the moving average of each component, corrected by its generalisation
         gap (:meth:`validate`), is ``<= 0``."""
-        return self.c_ma + self.gap <= 0
+        return self.target <= 0
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "components": list(self.component_names)}

@@ -47,6 +47,7 @@ from geco_core.errors import ConfigError
 from geco_core.figures.run import pyplot, save_figure
 from geco_core.training import Callback, Config, Run, TrainerState, load_config, strict_json, train, write_atomic
 from geco_core.training.experiment import constraint_values
+from geco_core.training.rng import seeded
 
 __all__ = [
     "find_kappa",
@@ -112,8 +113,7 @@ class _Probe(Callback):
         def add_kl(batch, out) -> None:
             kl.add_(out.kl.double().sum())
 
-        with torch.random.fork_rng(devices=[exp.device] if exp.device.type == "cuda" else []):
-            torch.manual_seed(exp.config.train.seed)  # the same draws at every probe
+        with seeded(exp.device, exp.config.train.seed):  # the same draws at every probe
             means = constraint_values(exp, exp.validation, index, on_batch=add_kl).mean(0)
         values = {}
         for (name, part), constraint in zip(exp.stack.split(means).items(), exp.stack.constraints):
@@ -135,6 +135,11 @@ def _direction(constraint) -> int:
     if probe is None:
         return -1
     return -1 if float(probe.mean()) < float(constraint.kappa) else 1
+
+
+def _tighter(meta: dict[str, Any]) -> int:
+    """:func:`_direction` of a constraint as an analysis records it (its ``direction`` text)."""
+    return -1 if meta["direction"].startswith("lower") else 1
 
 
 def _power_law_floor(points: Sequence[tuple[float, float]], budget: float) -> tuple[float | None, dict]:
@@ -173,7 +178,7 @@ def predict_kl(result: dict[str, Any], kappa: float) -> float | None:
     looser than every point; the KL at the held high lambda (where a GECO run whose kappa the way
     down never reached ends) between the curve's tightest point and the floor; None (out of reach)
     tighter than the floor."""
-    direction = -1 if result["direction"].startswith("lower") else 1
+    direction = _tighter(result)
     envelope = [(q["value"], q["kl"]) for q in result["curve"]]
     if not envelope:
         return None
@@ -232,7 +237,7 @@ def analyse(points: Sequence[dict[str, Any]], constraints: dict[str, dict], budg
     suggestion (module docstring) from the probe ``points``."""
     out: dict[str, Any] = {}
     for name, meta in constraints.items():
-        direction = -1 if meta["direction"].startswith("lower") else 1
+        direction = _tighter(meta)
         held = [(p["step"], p["values"][name]) for p in points if p["step"] <= hold_steps]
         ramp = [(p["values"][name], p["kl"]) for p in points if p["step"] > hold_steps]
         measured = min((p["values"][name] for p in points), key=lambda v: direction * -v, default=None)
@@ -417,8 +422,7 @@ def below_floor(config: Config) -> list[str]:
     lines = []
     for spec, (name, c) in zip(config.constraints, result["constraints"].items()):
         kappa, floor = spec.options.get("kappa"), c.get("floor")
-        tighter = -1 if c["direction"].startswith("lower") else 1
-        if kappa is not None and floor is not None and tighter * (kappa - floor) > 0:
+        if kappa is not None and floor is not None and _tighter(c) * (kappa - floor) > 0:
             lines.append(
                 f"{name}: kappa {kappa:g} is tighter than the reachable floor {floor:.4g} at {result['budget']} "
                 f"steps found by geco find-kappa (suggested {_num(c['suggested_kappa'])})"

@@ -23,7 +23,7 @@ from geco_core.training.config import Config, ConstraintConfig
 from geco_core.training.distributed import DataParallelGroup, ModelAndObjective
 from geco_core.training.machine import prepare_device
 from geco_core.training.objectives import Objective, constraint_batch
-from geco_core.training.rng import restore_rng, rng_state
+from geco_core.training.rng import restore_rng, rng_state, seeded
 from geco_core.training.run import CHECKPOINT_FORMAT
 
 __all__ = ["Experiment", "build", "load_dataset", "evaluating", "evaluate_heldout"]
@@ -160,8 +160,7 @@ class Experiment:
         if self.geco is None or self.validation is None:
             return
         index = torch.arange(self.group.rank, len(self.validation), self.group.world)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.config.train.seed * 1_000_003 + step)
+        with seeded(self.device, self.config.train.seed * 1_000_003 + step):
             self.geco.validate(constraint_values(self, self.validation, index))
 
     def state_dict(self, step: int) -> dict[str, Any]:

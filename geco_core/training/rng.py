@@ -3,11 +3,13 @@ CUDA, the device's. Restoring it continues a run's noise (posterior draws) exact
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["rng_state", "restore_rng"]
+__all__ = ["rng_state", "restore_rng", "seeded"]
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -16,6 +18,15 @@ def rng_state(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int) -> Iterator[None]:
+    """Draws from ``seed`` inside the block (CPU and, on CUDA, ``device``); the generators continue
+    afterwards as if the block had drawn nothing."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def restore_rng(states: list[dict[str, Any]], rank: int, seed: int, device: torch.device) -> None:
