@@ -169,8 +169,6 @@ def trainer_step(batch: int, compile_step: bool):
     import tempfile
     from pathlib import Path
 
-    import torch
-
     from geco_core.training import Run, Trainer, build, load_config
 
     sets = [
@@ -180,7 +178,7 @@ def trainer_step(batch: int, compile_step: bool):
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart.toml", sets)
     exp = build(config)
     trainer = Trainer(exp=exp, run=Run(Path(tempfile.mkdtemp()), config), callbacks=[])
-    trainer.counts = torch.tensor([1, 0, 0, -1])
+    trainer.reset_counts()
     exp.model.train()
     exp.objective.train()
     steps = iter(range(10**9))

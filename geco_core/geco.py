@@ -151,6 +151,7 @@ class GECO(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped", torch.zeros((), dtype=torch.long))
         self.register_buffer("jumped", torch.zeros((), dtype=torch.bool), persistent=False)
+        self.register_buffer("keep", torch.ones(()), persistent=False)  # 1 - jumped, what follow multiplies by
         self.controller.setup(log_lambda0)
         #: whether the controller can still jump, as the host last knew it (:meth:`state` reads it)
         self.may_jump = self.controller.discontinuous
@@ -227,6 +228,8 @@ class GECO(nn.Module):
         self.c_ma.copy_(torch.where(finite, c_ma, self.c_ma))
         self.log_lambdas.copy_(torch.where(finite, log_lambdas, self.log_lambdas))
         self.jumped.copy_(finite & jumped)
+        if self.controller.discontinuous:
+            self.keep.copy_(~self.jumped)
         self.c_hat.copy_(c_hat)
         self.step.add_(finite.long())
         self.skipped.add_((~finite).long())
@@ -283,14 +286,13 @@ class GECO(nn.Module):
         the host after :meth:`state`), never reset anything and cost nothing here."""
         if not (self.controller.discontinuous and self.may_jump):
             return
-        keep = ~self.jumped
         by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for state in optimizer.state.values():
             for value in state.values():
                 if isinstance(value, Tensor):
                     by_kind.setdefault((value.device, value.dtype), []).append(value)
         for (device, dtype), tensors in by_kind.items():
-            torch._foreach_mul_(tensors, keep.to(device=device, dtype=dtype))
+            torch._foreach_mul_(tensors, self.keep.to(device=device, dtype=dtype))
 
     # --- reports and state ---------------------------------------------------------------------
 

@@ -5,38 +5,62 @@ A step whose loss or gradient is not finite must not reach the weights. Testing 
 fused kernel (``torch.optim.Adam(..., fused=True)``, AdamW, SGD) takes the decision on the device
 instead, through the ``found_inf`` tensor that ``torch.amp.GradScaler`` uses: where it is set the
 kernel leaves the weights, the moments and the step count as they were.
+
+The gradient is judged by its 2-norm, ``sqrt(sum g_i^2)`` computed in the gradient's precision: it
+is not finite as soon as one ``g_i^2`` overflows, so a step that is taken never puts an infinite
+square into Adam's second moment (an average of squared gradients), and the optimiser's state stays
+finite without a check of its own.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["step_where", "step_if_finite"]
+__all__ = ["grad_norm", "step_where", "step_unless", "step_if_finite"]
 
 
-def step_where(optimizer: torch.optim.Optimizer, take: Tensor) -> None:
-    """``optimizer.step()`` where the scalar bool tensor ``take`` is true, else nothing. Free of host
-    syncs for a fused optimiser; any other reads ``take`` on the host (one sync)."""
+def grad_norm(optimizer: torch.optim.Optimizer, clip: float | None = None) -> Tensor:
+    """The 2-norm of every gradient the optimiser holds (on one device), as one vector: a scalar
+    tensor, the value of ``nn.utils.get_total_norm``. With ``clip``, the gradients are then scaled
+    to a norm of at most ``clip`` (``nn.utils.clip_grads_with_norm_``); the norm returned is the
+    one before clipping."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
+    if clip is not None:
+        nn.utils.clip_grads_with_norm_(params, clip, norm)
+    return norm
+
+
+def step_unless(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
+    """``optimizer.step()`` unless the scalar bool tensor ``skip`` is true. Free of host syncs for a
+    fused optimiser (``skip`` becomes its ``found_inf``); any other reads ``skip`` on the host."""
     if not optimizer.defaults.get("fused"):
-        if bool(take):
+        if not bool(skip):
             optimizer.step()
         return
-    optimizer.found_inf = (~take).float()
+    optimizer.found_inf = skip.float()
     try:
         optimizer.step()
     finally:
         del optimizer.found_inf
 
 
-def step_if_finite(optimizer: torch.optim.Optimizer, *values: Tensor) -> Tensor:
-    """Step unless one of ``values`` (the loss, a gradient norm, ...) holds NaN or infinity, and
-    return whether it stepped (a scalar bool tensor on the device)::
+def step_where(optimizer: torch.optim.Optimizer, take: Tensor) -> None:
+    """``optimizer.step()`` where the scalar bool tensor ``take`` is true (:func:`step_unless`)."""
+    step_unless(optimizer, ~take)
+
+
+def step_if_finite(optimizer: torch.optim.Optimizer, loss: Tensor, *values: Tensor) -> Tensor:
+    """Step unless the loss, the gradients' 2-norm (:func:`grad_norm`) or one of ``values`` holds
+    NaN or infinity, and return whether it stepped (a scalar bool tensor on the device)::
 
         loss.backward()
         step_if_finite(optimizer, loss)
         geco.follow(optimizer)
     """
-    finite = torch.stack([torch.isfinite(v).all() for v in values]).all()
+    finite = torch.stack([torch.isfinite(v).all() for v in (loss, grad_norm(optimizer), *values)]).all()
     step_where(optimizer, finite)
     return finite

@@ -10,6 +10,8 @@ import traceback
 import pytest
 import torch
 from helpers import records
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_training import TINY, config
 from torch.overrides import TorchFunctionMode
 
@@ -91,6 +93,32 @@ def test_step_if_finite_steps_on_finite_values_and_leaves_everything_as_it_was_o
         assert all(torch.equal(v, now[k]) for k, v in kept.items())  # moments and the step count too
     assert step(1.0) and not torch.equal(before["weight"], layer.weight)
     assert not hasattr(opt, "found_inf")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    scales=st.lists(st.floats(-8, 30), min_size=1, max_size=12),
+    seed=st.integers(0, 2**16),
+    fused=st.booleans(),
+)
+def test_adam_state_stays_finite_whatever_the_size_of_finite_gradients(scales, seed, fused):
+    """Steps with gradients of any finite size (up to 1e30 per entry, whose squares overflow
+    float32) through ``step_if_finite``: a step is taken exactly when every squared entry is
+    finite (the 2-norm is), and after every step Adam's weights, moments and second moment are
+    finite. This is what lets the loop go without checking the optimiser's state."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (7, 3)]
+    opt = torch.optim.Adam(weights, lr=1e-2, fused=fused)
+    for scale in scales:
+        grads = [torch.randn(w.shape, generator=gen) * 10.0**scale for w in weights]
+        for w, g in zip(weights, grads):
+            w.grad = g
+        squares_finite = all(bool(torch.isfinite(g.double().square().float()).all()) for g in grads)
+        norm_finite = bool(torch.isfinite(torch.stack([g.double().square().sum() for g in grads]).sum().float()))
+        took = bool(step_if_finite(opt, torch.tensor(1.0)))
+        assert took == norm_finite and (not took or squares_finite)
+        held = [*weights, *(v for s in opt.state.values() for v in s.values())]
+        assert all(bool(torch.isfinite(v).all()) for v in held)
 
 
 # --- the whole step compiled ---------------------------------------------------------------------

@@ -85,6 +85,28 @@ def test_a_non_finite_step_is_skipped_and_counted_and_training_goes_on(tmp_path,
     assert not nonfinite_entries(load_checkpoint(run / CHECKPOINT)["model"])
 
 
+def test_an_enormous_but_finite_gradient_is_skipped_and_the_optimiser_state_stays_finite(tmp_path, monkeypatch):
+    """A loss scaled by 1e25 is finite, its gradient too, but the gradient's squares overflow
+    float32: the step is skipped and counted (its 2-norm is infinite), training goes on, and Adam's
+    second moment never holds infinity (which would freeze the model without a NaN anywhere)."""
+    from geco_core.training.objectives import GecoObjective
+
+    real = GecoObjective.forward
+
+    def huge_on_step_five(self, out, batch, step):
+        loss = real(self, out, batch, step)
+        return loss * 1e25 if step == 5 else loss
+
+    monkeypatch.setattr(GecoObjective, "forward", huge_on_step_five)
+    run = train(config=config(train={"steps": 12, "log_every": 1}), run_dir=tmp_path / "run")
+    records = Run.open(run).read_metrics()
+    assert math.isfinite(records[5]["loss"])  # the loss itself was finite
+    assert [r["train/nonfinite_steps"] for r in records][4:8] == [0, 1, 1, 1]
+    state = load_checkpoint(run / CHECKPOINT)
+    assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+    assert not nonfinite_entries({k: state[k] for k in ("model", "optimizer")})
+
+
 def test_a_checkpoint_holding_nan_is_never_written(tmp_path):
     run = Run.create(config(), tmp_path / "run")
     state = {"format": 1, "step": 3, "model": {"w": torch.ones(2)}, "optimizer": {}, "objective": {}}

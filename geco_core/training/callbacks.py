@@ -5,9 +5,8 @@ A :class:`Callback` overrides any of its hooks; every hook receives the trainer,
 the records, the status, GECO's typed state at the last logged step) callbacks read and may change
 (``trainer.stop``). A callback that needs another's work declares it in ``after``; :func:`in_order`
 puts every callback after those it names (otherwise they keep the order they were given in). The
-defaults (:func:`default_callbacks`): the metrics file, TensorBoard, the progress bar, the
-divergence guard, checkpoints (after the guard), plots, the summary (after the plots, whose paths
-it records). ``geco_core.training.launch.default_callbacks`` chooses them.
+defaults: the metrics file, TensorBoard, the progress bar, checkpoints, plots, the summary (after
+the plots, whose paths it records); ``geco_core.training.launch.default_callbacks`` chooses them.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ __all__ = [
     "TensorBoard",
     "ProgressBar",
     "JsonLines",
-    "DivergenceGuard",
     "Checkpointing",
     "Plots",
     "Summary",
@@ -178,27 +176,11 @@ class JsonLines(Callback):
         print(strict_json(record), flush=True)
 
 
-class DivergenceGuard(Callback):
-    """Stops the run as ``diverged`` when the optimiser's state is no longer finite (checked on
-    logged steps: Adam's second moment overflows under enormous gradients and then freezes the
-    model silently). ``train.max_nonfinite_steps`` non-finite steps in a row stop it too: that
-    rule runs on the device, in the loop (:class:`~geco_core.training.loop.Trainer`)."""
-
-    def on_step_end(self, trainer: TrainerState, metrics: dict[str, Tensor] | None) -> None:
-        if metrics is not None:
-            bad = nonfinite_entries(trainer.exp.optimizer.state_dict()["state"])
-            if bad:
-                trainer.stop("diverged", f"the optimiser state holds NaN or infinity at step {trainer.step} ({bad[0]})")
-
-
 class Checkpointing(Callback):
     """``checkpoints/latest.pt`` every ``train.checkpoint_every`` steps and at the end, atomically.
     Only after a finite step of a running fit (a due checkpoint waits for the next step the host
-    reads, ``synced``, that is finite), and never
-    from a state holding NaN or infinity: a diverging run never overwrites its last good
-    checkpoint. Runs after the divergence guard, so a step it stops is never written."""
-
-    after = (DivergenceGuard,)
+    reads, ``synced``, that is finite), and never from a state holding NaN or infinity (the run
+    then stops as ``diverged``): a diverging run never overwrites its last good checkpoint."""
 
     def on_fit_start(self, trainer: TrainerState) -> None:
         self.due = False

@@ -18,7 +18,6 @@ from geco_core.errors import ConfigError, GecoError
 from geco_core.training.callbacks import (
     Callback,
     Checkpointing,
-    DivergenceGuard,
     MetricsFile,
     Plots,
     ProgressBar,
@@ -129,12 +128,11 @@ def _resume(
 
 
 def default_callbacks(config: Config, group: DataParallelGroup | None = None) -> list[Callback]:
-    """The callbacks ``geco train`` uses: metrics file, TensorBoard, MLflow, progress, divergence
-    guard, checkpoints, plots, summary (as ``logging`` chooses). Processes other than the first
-    only guard and take part in checkpoints (which gather every process's RNG state); they write
-    nothing."""
+    """The callbacks ``geco train`` uses: metrics file, TensorBoard, MLflow, progress, checkpoints,
+    plots, summary (as ``logging`` chooses). Processes other than the first only take part in
+    checkpoints (which gather every process's RNG state); they write nothing."""
     if group is not None and not group.main:
-        return [DivergenceGuard(), Checkpointing()]
+        return [Checkpointing()]
     chosen: list[Callback] = [MetricsFile()]
     if config.logging.tensorboard:
         chosen.append(TensorBoard())
@@ -142,7 +140,7 @@ def default_callbacks(config: Config, group: DataParallelGroup | None = None) ->
         chosen.append(MlflowTracking())
     if config.logging.progress:
         chosen.append(ProgressBar())
-    chosen += [DivergenceGuard(), Checkpointing()]
+    chosen.append(Checkpointing())
     if config.logging.plots:
         chosen.append(Plots())
     chosen.append(Summary())

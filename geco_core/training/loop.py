@@ -23,9 +23,9 @@ from typing import Any
 
 import attrs
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from geco_core.optim import step_where
+from geco_core.optim import grad_norm, step_unless
 from geco_core.training.callbacks import Callback, in_order
 from geco_core.training.trainer_state import TrainerState
 
@@ -39,14 +39,15 @@ class Trainer(TrainerState):
     callbacks=[...]).fit()``.
 
     The host reads the device only on the steps that log or are due a checkpoint (``synced``):
-    whether each step was finite, the count of skipped steps and the divergence rule live on the
-    device in between (``counts``: the last step finite, non-finite steps in a row, non-finite
-    steps, the step at which the rule halted the run or -1). A run that reaches
-    ``train.max_nonfinite_steps`` in a row is halted there on the device (no further optimiser
-    step or count) and ends at that step when the host next looks."""
+    the skipped steps are counted on the device in between (``counts``: skipped steps in a row,
+    skipped steps). Once ``train.max_nonfinite_steps`` in a row are skipped, every later step is
+    skipped too (the run is halted: the optimiser never steps again); the host, when it next looks,
+    ends the run at the step where the limit was reached (the steps skipped beyond it are not
+    counted)."""
 
     callbacks: Sequence[Callback] = ()
     counts: Tensor | None = None
+    in_a_row: Tensor | None = None
 
     def __attrs_post_init__(self) -> None:
         self.callbacks = in_order(self.callbacks)
@@ -55,7 +56,7 @@ class Trainer(TrainerState):
         """Train from step ``start`` to ``train.steps`` (or until a callback stops the run)."""
         cfg = self.exp.config.train
         self.start = self.step = start
-        self.counts = torch.tensor([1, 0, self.nonfinite_steps, -1], device=self.exp.device)
+        self.reset_counts()
         self.exp.model.train()
         self.exp.objective.train()
         t0 = time.perf_counter()
@@ -89,6 +90,11 @@ class Trainer(TrainerState):
         finally:
             self._call("on_teardown")
 
+    def reset_counts(self) -> None:
+        """The device's counts at the start of a fit: none in a row, the run's skipped steps so far."""
+        self.counts = torch.tensor([0, self.nonfinite_steps], device=self.exp.device)
+        self.in_a_row = self.counts[0]  # a view: updated in place with the counts
+
     def _call(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
@@ -102,22 +108,15 @@ class Trainer(TrainerState):
         loss, out = exp.loss(batch, step)
         exp.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        params = [p for group in exp.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        clip = exp.config.train.grad_clip
-        if clip is None:
-            norm = nn.utils.get_total_norm([p.grad for p in params])
-        else:
-            norm = nn.utils.clip_grad_norm_(params, clip)
-        finite = exp.group.all_true(torch.isfinite(loss) & torch.isfinite(norm))
-        running = self.counts[3] < 0
-        step_where(exp.optimizer, finite & running)
+        norm = grad_norm(exp.optimizer, exp.config.train.grad_clip)
+        # finite where both are: a finite norm is below 2e19, so adding it never overflows a loss
+        finite = exp.group.all_true(torch.isfinite(norm + loss.detach()))
+        skip = ~finite | (self.in_a_row >= exp.config.train.max_nonfinite_steps)
+        self.counts.add_(skip)  # before the optimiser's step: small operations together cost least
+        self.in_a_row.mul_(skip)
+        step_unless(exp.optimizer, skip)
         if exp.geco is not None:
             exp.geco.follow(exp.optimizer)
-        skipped = (~finite & running).long()
-        in_a_row = torch.where(running, (self.counts[1] + 1) * skipped, self.counts[1])
-        halts = running & (in_a_row >= exp.config.train.max_nonfinite_steps)
-        halted_at = torch.where(halts, step + 1, self.counts[3])
-        self.counts = torch.stack([finite.long(), in_a_row, self.counts[2] + skipped, halted_at])
         if not logging:
             return None
         metrics = exp.objective.metrics(out, batch, step)
@@ -131,16 +130,18 @@ class Trainer(TrainerState):
         <geco_core.state.GecoState.flat>`), which it also keeps as ``self.geco``."""
         names = list(metrics or {})
         values = torch.cat([self.counts.double(), *(metrics[k].double().reshape(1) for k in names)]).tolist()
-        finite, in_a_row, nonfinite, halted_at = (int(v) for v in values[:4])
-        self.last_step_finite, self.nonfinite_in_a_row, self.nonfinite_steps = bool(finite), in_a_row, nonfinite
-        if halted_at >= 0:
-            limit = self.exp.config.train.max_nonfinite_steps
-            self.step = halted_at
-            self.stop("diverged", f"{limit} steps in a row with a non-finite loss or gradient (to step {halted_at})")
+        in_a_row, nonfinite = int(values[0]), int(values[1])
+        limit = self.exp.config.train.max_nonfinite_steps
+        beyond = in_a_row - limit  # steps skipped after the run halted
+        if beyond >= 0:
+            in_a_row, nonfinite, self.step = limit, nonfinite - beyond, self.step - beyond
+        self.last_step_finite, self.nonfinite_in_a_row, self.nonfinite_steps = in_a_row == 0, in_a_row, nonfinite
+        if beyond >= 0:
+            self.stop("diverged", f"{limit} steps in a row with a non-finite loss or gradient (to step {self.step})")
             return None
         if metrics is None:
             return None
-        measured = dict(zip(names, values[4:]))
+        measured = dict(zip(names, values[2:]))
         record: dict[str, Any] = {"step": self.step, "rmse": math.sqrt(measured.pop("mse")), **measured}
         record["train/nonfinite_steps"] = float(self.nonfinite_steps)
         if self.exp.geco is not None:
