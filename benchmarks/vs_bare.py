@@ -15,10 +15,12 @@ Two measurements, each ``--rounds`` times:
 - fresh processes, alternately: images/s of the whole epoch, and of the steady state (the median
   10-step block of each process); each ratio is the median over rounds of the ratio of the two
   processes of a round, run back to back;
-- one process, interleaved: the trainer runs its epoch, and after every 10 of its steps the bare
-  loop (its own model, optimiser and data, in the same process) runs 10 steps. Both see the
-  machine in the same state, so a machine whose speed drifts by more than the difference sought
-  (a shared host) still gives a sharp ratio: the sum of the bare blocks over the sum of geco's.
+- one process, interleaved: the trainer runs its epoch, and after every 10 of its steps two
+  hand-written loops (each with its own model, optimiser and data, in the same process) run 10
+  steps each: the bare loop, and the README's loop (the bare loop with ``step_if_finite`` and
+  ``follow``, the safety passes geco makes). All see the machine in the same state, so a machine
+  whose speed drifts by more than the difference sought (a shared host) still gives a sharp
+  ratio: the sum of a loop's blocks over the sum of geco's.
 
 ``--breakdown``: what each part of geco's step costs.
 """
@@ -147,12 +149,17 @@ def _measure(code: str, args: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _geco_args(out: str, objective: str) -> list[str]:
-    sets = [
-        "model.latent_dim=16", f"objective.name='{objective}'", f"train.steps={STEPS}", f"train.batch_size={BATCH}",
+def _sets(objective: str, steps: int, checkpoint_every: int) -> list[str]:
+    """geco's side: the bare loop's network and data, no file but the metrics and checkpoints."""
+    return [
+        "model.latent_dim=16", f"objective.name='{objective}'", f"train.steps={steps}", f"train.batch_size={BATCH}",
         "train.threads=1", "train.validation=0", "logging.progress=false", "logging.plots=false",
-        "logging.eval_examples=0", "logging.tensorboard=false", f"train.checkpoint_every={STEPS}",
+        "logging.eval_examples=0", "logging.tensorboard=false", f"train.checkpoint_every={checkpoint_every}",
     ]  # fmt: skip
+
+
+def _geco_args(out: str, objective: str) -> list[str]:
+    sets = _sets(objective, STEPS, checkpoint_every=STEPS)
     return [objective, str(REPO / "configs" / "mnist-geco-re.toml"), out, *sets]
 
 
@@ -169,8 +176,7 @@ def breakdown(objective: str, rounds: int = 150) -> None:
     from geco_core.training import Run, Trainer, build, load_config
 
     torch.set_num_threads(1)
-    sets = [f"objective.name='{objective}'", "model.latent_dim=16", "train.validation=0", "train.steps=100000",
-            f"train.log_every={BLOCK}", "train.checkpoint_every=100000"]  # fmt: skip
+    sets = [*_sets(objective, 100_000, checkpoint_every=100_000), f"train.log_every={BLOCK}"]
     config = load_config(REPO / "configs" / "mnist-geco-re.toml", sets)
     bare: dict = {}
     exec((SETUP % {"steps": STEPS, "batch": BATCH}).replace("sys.argv[1]", repr(objective)), bare)  # noqa: S102
@@ -210,8 +216,7 @@ def breakdown(objective: str, rounds: int = 150) -> None:
                     step += 1
                 times[name].append(time.perf_counter() - start)
     median = statistics.median
-    per_step = {k: median(v) / BLOCK * 1e6 for k, v in times.items()}
-    bare_us, geco_us = per_step["bare loop"], per_step["geco's step"]
+    bare_us, geco_us = (median(times[k]) / BLOCK * 1e6 for k in ("bare loop", "geco's step"))
     print(f"per step (median of {rounds} interleaved blocks of {BLOCK}): bare {bare_us:.0f} us, geco {geco_us:.0f} us; "
           f"may_jump at the end: {getattr(exp.geco, 'may_jump', None)}")  # fmt: skip
 

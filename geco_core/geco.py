@@ -150,8 +150,8 @@ class GECO(nn.Module):
         self.register_buffer("validated", torch.zeros((), dtype=torch.bool))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped", torch.zeros((), dtype=torch.long))
-        self.register_buffer("jumped", torch.zeros((), dtype=torch.bool), persistent=False)
-        self.register_buffer("keep", torch.ones(()), persistent=False)  # 1 - jumped, what follow multiplies by
+        # 0 after a step whose multiplier update jumped, else 1: what follow multiplies Adam's state by
+        self.register_buffer("keep", torch.ones(()), persistent=False)
         self.controller.setup(log_lambda0)
         #: whether the controller can still jump, as the host last knew it (:meth:`state` reads it)
         self.may_jump = self.controller.discontinuous
@@ -227,9 +227,7 @@ class GECO(nn.Module):
             log_lambdas = torch.where(self.step >= self.warmup, log_lambdas, self.log_lambdas)
         self.c_ma.copy_(torch.where(finite, c_ma, self.c_ma))
         self.log_lambdas.copy_(torch.where(finite, log_lambdas, self.log_lambdas))
-        self.jumped.copy_(finite & jumped)
-        if self.controller.discontinuous:
-            self.keep.copy_(~self.jumped)
+        self.keep.copy_(~(finite & jumped))
         self.c_hat.copy_(c_hat)
         self.step.add_(finite.long())
         self.skipped.add_((~finite).long())
@@ -373,6 +371,11 @@ class GECO(nn.Module):
         """The last step as flat metrics (``re/c_ma``, ``re/lambda``, ..., ``geco/step``): the
         keys of :meth:`GecoState.flat <geco_core.state.GecoState.flat>`, for a logger."""
         return self.state().flat()
+
+    @property
+    def jumped(self) -> Tensor:
+        """Scalar bool: whether the last update jumped (a controller restart)."""
+        return self.keep == 0
 
     @property
     def target(self) -> Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["grad_norm", "step_where", "step_unless", "step_if_finite"]
+__all__ = ["grad_norm", "finite_step", "step_where", "step_unless", "step_if_finite"]
 
 
 def grad_norm(optimizer: torch.optim.Optimizer, clip: float | None = None) -> Tensor:
@@ -32,6 +32,12 @@ def grad_norm(optimizer: torch.optim.Optimizer, clip: float | None = None) -> Te
     if clip is not None:
         nn.utils.clip_grads_with_norm_(params, clip, norm)
     return norm
+
+
+def finite_step(loss: Tensor, norm: Tensor) -> Tensor:
+    """Scalar bool: whether the (scalar) loss and the gradients' 2-norm are both finite. One
+    operation: a finite norm is below 2e19, so adding it never overflows a finite loss."""
+    return torch.isfinite(norm + loss.detach())
 
 
 def step_unless(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
@@ -61,6 +67,6 @@ def step_if_finite(optimizer: torch.optim.Optimizer, loss: Tensor, *values: Tens
         step_if_finite(optimizer, loss)
         geco.follow(optimizer)
     """
-    finite = torch.stack([torch.isfinite(v).all() for v in (loss, grad_norm(optimizer), *values)]).all()
+    finite = torch.stack([finite_step(loss, grad_norm(optimizer)), *(torch.isfinite(v).all() for v in values)]).all()
     step_where(optimizer, finite)
     return finite

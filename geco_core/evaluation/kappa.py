@@ -79,8 +79,9 @@ def fingerprint(config: Config) -> str:
     of the machine and the run's bookkeeping (threads, device, compile, checkpoints, records)."""
     doc = config.to_dict()
     doc.pop("logging", None)
-    bookkeeping = ("steps", "seed", "threads", "device", "compile", "checkpoint_every", "log_every")
-    for key in (*bookkeeping, "validate_every", "max_nonfinite_steps"):
+    ignored = ("steps", "seed", "threads", "device", "compile", "checkpoint_every", "log_every", "validate_every",
+               "max_nonfinite_steps")  # fmt: skip
+    for key in ignored:
         doc["train"].pop(key, None)
     for c in doc.get("constraints", []):
         c.pop("kappa", None)

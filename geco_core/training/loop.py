@@ -25,7 +25,7 @@ import attrs
 import torch
 from torch import Tensor
 
-from geco_core.optim import grad_norm, step_unless
+from geco_core.optim import finite_step, grad_norm, step_unless
 from geco_core.training.callbacks import Callback, in_order
 from geco_core.training.trainer_state import TrainerState
 
@@ -108,9 +108,7 @@ class Trainer(TrainerState):
         loss, out = exp.loss(batch, step)
         exp.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        norm = grad_norm(exp.optimizer, exp.config.train.grad_clip)
-        # finite where both are: a finite norm is below 2e19, so adding it never overflows a loss
-        finite = exp.group.all_true(torch.isfinite(norm + loss.detach()))
+        finite = exp.group.all_true(finite_step(loss, grad_norm(exp.optimizer, exp.config.train.grad_clip)))
         skip = ~finite | (self.in_a_row >= exp.config.train.max_nonfinite_steps)
         self.counts.add_(skip)  # before the optimiser's step: small operations together cost least
         self.in_a_row.mul_(skip)
@@ -130,13 +128,12 @@ class Trainer(TrainerState):
         <geco_core.state.GecoState.flat>`), which it also keeps as ``self.geco``."""
         names = list(metrics or {})
         values = torch.cat([self.counts.double(), *(metrics[k].double().reshape(1) for k in names)]).tolist()
-        in_a_row, nonfinite = int(values[0]), int(values[1])
         limit = self.exp.config.train.max_nonfinite_steps
-        beyond = in_a_row - limit  # steps skipped after the run halted
-        if beyond >= 0:
-            in_a_row, nonfinite, self.step = limit, nonfinite - beyond, self.step - beyond
+        beyond = max(int(values[0]) - limit, 0)  # steps skipped after the run halted: not counted
+        in_a_row, nonfinite = int(values[0]) - beyond, int(values[1]) - beyond
+        self.step -= beyond
         self.last_step_finite, self.nonfinite_in_a_row, self.nonfinite_steps = in_a_row == 0, in_a_row, nonfinite
-        if beyond >= 0:
+        if in_a_row >= limit:
             self.stop("diverged", f"{limit} steps in a row with a non-finite loss or gradient (to step {self.step})")
             return None
         if metrics is None:
