@@ -16,7 +16,7 @@ from geco_core.plugins import HOOKS, registry
 __all__ = ["main"]
 
 #: what the ``train`` extra installs, by import name (the commands that train, evaluate or plot need it)
-TRAIN_EXTRA = ("filelock", "tqdm", "matplotlib", "tensorboard", "tomli_w", "safetensors", "numpy")
+TRAIN_EXTRA = ("filelock", "tqdm", "matplotlib", "tensorboard", "tomli_w", "safetensors", "numpy", "torchmetrics")
 EXIT_DIVERGED = 3
 
 
@@ -133,6 +133,7 @@ def _eval(args: argparse.Namespace) -> int:
         marginal_examples=args.marginal_examples,
         samples_per_example=args.samples,
         seed=args.seed,
+        realism_examples=args.realism_examples,
     )
     print(format_report(report))
     print(f"report: {args.run_dir}/eval.json")
@@ -143,7 +144,12 @@ def _sweep(args: argparse.Namespace) -> int:
     _require_train_extra("sweep")
     from geco_core.evaluation import sweep, table
 
-    options = {"examples": args.examples, "marginal_examples": args.marginal_examples, "seed": args.seed}
+    options = {
+        "examples": args.examples,
+        "marginal_examples": args.marginal_examples,
+        "seed": args.seed,
+        "realism_examples": args.realism_examples,
+    }
     points = sweep(
         args.configs, args.out, args.kappa, args.objectives, args.set, options,
         jobs=args.jobs, backend=args.backend, ray_address=args.ray_address,
@@ -197,6 +203,12 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
         help="n of the marginal KL (default by posterior: 10000 Gaussian, 1000 flow, 200 ConvDraw)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets and posterior draws")
+    p.add_argument(
+        "--realism-examples",
+        type=int,
+        default=5000,
+        help="held-out images (and prior samples) of the Fréchet distances (default: %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""The one place torchvision and timm are imported: :func:`import_torchvision`, :func:`import_timm`.
+"""The one place torchvision, timm and torchmetrics (which imports torchvision) are imported:
+:func:`import_torchvision`, :func:`import_timm`, :func:`import_torchmetrics_fid`.
 
 Public, for plugins too. PyPI's torchvision wheels are CUDA builds; on a CPU-only torch their
 compiled ops fail to load and ``import torchvision`` raises ``operator torchvision::nms does not
@@ -16,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["import_torchvision", "import_timm"]
+__all__ = ["import_torchvision", "import_timm", "import_torchmetrics_fid"]
 
 _SCHEMAS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -49,3 +50,12 @@ def import_timm() -> ModuleType:
     import timm
 
     return timm
+
+
+def import_torchmetrics_fid() -> ModuleType:
+    """``torchmetrics.image.fid``, after :func:`import_torchvision` (torchmetrics imports it). Its
+    ``FrechetInceptionDistance`` takes a feature network of ours without torch-fidelity."""
+    import_torchvision()
+    import torchmetrics.image.fid
+
+    return torchmetrics.image.fid

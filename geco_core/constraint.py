@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from geco_core.errors import ConfigError
 
 T = TypeVar("T")
+#: standard errors above the validation mean that GECO aims below kappa (a one-sided 95% bound)
+CONFIDENCE = 1.645
 
 __all__ = [
     "Batch",
@@ -38,6 +40,7 @@ __all__ = [
     "check_kappa",
     "missing_members",
     "ConstraintStack",
+    "CONFIDENCE",
 ]
 
 
@@ -129,6 +132,10 @@ class Constraint(nn.Module, abc.ABC):
     dim: int = 1
     multiplier_scale: float = 1.0
     value_scale: float = 1.0
+    #: standard errors of the validation mean that GECO's held-out target adds to it (GECO.validate):
+    #: a one-sided 95% bound by default; a constraint whose per-example values are heavy-tailed
+    #: may declare another, chosen by measurement
+    validation_confidence: float = CONFIDENCE
 
     @abc.abstractmethod
     def forward(self, batch: Batch) -> Tensor:
@@ -147,8 +154,16 @@ class Constraint(nn.Module, abc.ABC):
     def twin(self) -> ConstraintLike | None:
         """The same constraint judged by an independent network (the same recipe, another seed),
         where the constraint uses a learned one: reconstructions that fool this network should not
-        fool its twin. Summaries and ``geco eval`` report both. None where there is none."""
+        fool its twin. None where there is none."""
         return None
+
+    def judges(self) -> dict[str, ConstraintLike]:
+        """The same constraint under networks that did not shape the reconstructions, by name: the
+        twin and, where there are, networks of another recipe or architecture. Summaries and
+        ``geco eval`` report the held-out value under each ("met under k of m judges"). Default:
+        the twin alone, or none."""
+        twin = self.twin()
+        return {} if twin is None else {"twin": twin}
 
     def train(self, mode: bool = True) -> Constraint:
         super().train(mode)

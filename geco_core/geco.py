@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from geco_core.constraint import Batch, ConstraintLike, ConstraintStack
+from geco_core.constraint import CONFIDENCE, Batch, ConstraintLike, ConstraintStack
 from geco_core.controllers import DEFAULT, Controller, Signals
 from geco_core.errors import ConfigError, NonFiniteConstraintError
 from geco_core.plugins import create
@@ -45,8 +45,6 @@ Scalars = float | Sequence[float]
 # any |C| < 3e26, and Adam's second moment (lambda * grad C)^2 for any |grad C| < 1.8e7, so neither
 # the loss nor the optimiser state can overflow. A guard, not a modelling bound (lambda_max is that).
 LOG_LAMBDA_LIMIT = 12 * math.log(10)
-#: standard errors above the validation mean that GECO aims below kappa (a one-sided 95% bound)
-CONFIDENCE = 1.645
 STATE_FORMAT = 2  # version of the extra state (component names) in ``state_dict``
 
 
@@ -140,6 +138,10 @@ class GECO(nn.Module):
         self.register_buffer("lr", steps, persistent=False)
         self.register_buffer("multiplier_scale", self._expand([s for s, _ in scales], dtype), persistent=False)
         self.register_buffer("value_scale", self._expand([v for _, v in scales], dtype), persistent=False)
+        confidence = [float(getattr(c, "validation_confidence", CONFIDENCE)) for c in constraints]
+        if not all(0 <= z < math.inf for z in confidence):
+            raise ConfigError(f"validation_confidence must be >= 0 and finite, got {confidence}")
+        self.register_buffer("confidence", self._expand(confidence, dtype), persistent=False)
         self.controller = build_controller(controller)
         log_lambda0 = self.controller.initial_log_lambdas(lambda0, self.multiplier_scale)
         log_lambda0 = log_lambda0.clamp(self.log_lambda_min, self.log_lambda_max)
@@ -239,17 +241,18 @@ class GECO(nn.Module):
         trained on), measured now; under ``torch.distributed`` every process's examples count.
 
         GECO keeps the generalisation gap ``gap = bound - c_ma``, ``bound`` the validation mean plus
-        :data:`CONFIDENCE` standard errors (a one-sided 95% bound on the mean of data like the
-        validation examples), the first measurement as it is, then the mean of each new one with
-        the gap so far; its controller drives ``c_ma + gap`` to ``<= 0``. So the target tightens by
-        what held-out data lacks, and by how uncertain that is: held-out data meets kappa, not only
-        the training batches. A non-finite measurement is ignored."""
+        the constraint's ``validation_confidence`` standard errors (default :data:`CONFIDENCE`, a
+        one-sided 95% bound on the mean of data like the validation examples), the first
+        measurement as it is, then the mean of each new one with the gap so far; its controller
+        drives ``c_ma + gap`` to ``<= 0``. So the target tightens by what held-out data lacks, and
+        by how uncertain that is: held-out data meets kappa, not only the training batches. A
+        non-finite measurement is ignored."""
         v = values.detach().to(self.c_ma.dtype)
         stats = self._all_processes_sum(torch.cat([v.sum(0), v.square().sum(0), v.new_tensor([len(v)])]))
         n = stats[-1].clamp(min=2)
         mean = stats[: self.num_components] / n
         variance = (stats[self.num_components : -1] / n - mean.square()).clamp(min=0) * n / (n - 1)
-        gap = mean + CONFIDENCE * (variance / n).sqrt() - self.c_ma
+        gap = mean + self.confidence * (variance / n).sqrt() - self.c_ma
         finite = torch.isfinite(gap).all()
         blended = torch.where(self.validated, (self.gap + gap) / 2, gap)
         self.gap.copy_(torch.where(finite, blended, self.gap))

@@ -49,3 +49,11 @@ def geco_register_datasets(register: Register) -> None:
 @hookspec
 def geco_register_objectives(register: Register) -> None:
     """Register training objectives (``Objective`` subclasses)."""
+
+
+@hookspec
+def geco_register_feature_networks(register: Register) -> None:
+    """Register feature networks for the Fréchet distance of ``geco eval``: factories taking
+    ``image_shape`` and returning an ``nn.Module`` from pixels ``(B, C, H, W)`` in [0, 1] to
+    features ``(B, num_features)``, with a class attribute ``datasets``, the data set names whose
+    images it reads."""

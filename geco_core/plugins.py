@@ -61,6 +61,7 @@ HOOKS = {
     "model": "geco_register_models",
     "dataset": "geco_register_datasets",
     "objective": "geco_register_objectives",
+    "features": "geco_register_feature_networks",
 }
 
 

@@ -55,3 +55,17 @@ def test_training_is_deterministic_given_the_seed_and_uses_augment_and_preproces
     assert len(seen) == 2 * (256 // 64)  # augment saw every batch
     assert not torch.equal(a, trained(seed=4))  # the seed draws the order and the augmentation
     assert not torch.equal(a, trained(preprocess=None))  # preprocess is applied
+
+
+def test_perturb_sees_the_model_the_batch_and_its_labels_and_replaces_the_input():
+    train, test = toy(256, 0), toy(256, 1)
+    calls = []
+
+    def blank(model, x, y, g):  # every training input blanked: nothing can be learned
+        calls.append((model, x.shape, y.shape))
+        return torch.zeros_like(x)
+
+    model = net()
+    acc = train_classifier(model, train, test, epochs=2, lr=1e-2, batch_size=64, perturb=blank, log=lambda _: None)
+    assert len(calls) == 2 * 4 and all(m is model and xs == (64, 1, 8, 8) and ys == (64,) for m, xs, ys in calls)
+    assert acc < 0.75  # chance on the balanced toy classes, where clean training reaches > 0.95

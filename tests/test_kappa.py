@@ -248,6 +248,25 @@ def test_the_gap_is_the_validation_bound_above_the_moving_average_and_tightens_t
     assert torch.equal(geco.gap, kept)
 
 
+def test_a_constraint_declares_its_own_validation_confidence():
+    """Each component's bound uses its constraint's ``validation_confidence`` (others the default)."""
+
+    class Narrow(Values):
+        validation_confidence = 0.5
+
+    geco = GECO([Values(), Narrow()], controller="paper", alpha=0.0, dtype=torch.float64)
+    values = torch.randn(300, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    geco.validate(values)
+    z = torch.tensor([CONFIDENCE, CONFIDENCE, 0.5, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(geco.gap, values.mean(0) + z * values.std(0) / math.sqrt(300))
+
+    class Negative(Values):
+        validation_confidence = -1.0
+
+    with pytest.raises(ConfigError, match="validation_confidence must be >= 0"):
+        GECO([Negative()])
+
+
 def test_a_gecos_state_from_before_validation_loads_with_no_gap():
     geco = GECO([Values()], controller="paper")
     state = {k: v for k, v in geco.state_dict().items() if k not in ("gap", "validated")}

@@ -124,13 +124,14 @@ class Experiment:
             ) from None
 
     @functools.cached_property
-    def twins(self) -> list[nn.Module | None]:
-        """Each configured constraint's twin (:meth:`Constraint.twin`: the same constraint judged by
-        an independent network) on the device, or None; built when first asked for."""
+    def judges(self) -> list[dict[str, nn.Module]]:
+        """Each configured constraint's judges (:meth:`Constraint.judges`: the same constraint under
+        networks that did not shape the reconstructions) on the device, by name; built when first
+        asked for."""
         if self.stack is None:
             return []
-        twins = [getattr(c, "twin", lambda: None)() for c in self.stack.constraints]
-        return [t.to(self.device).eval() if isinstance(t, nn.Module) else t for t in twins]
+        judges = [getattr(c, "judges", dict)() for c in self.stack.constraints]
+        return [{k: j.to(self.device).eval() for k, j in group.items()} for group in judges]
 
     def forward(self, batch) -> Output:
         """The model's output in float32 (the model itself runs under autocast when bf16 is set)."""
@@ -297,20 +298,24 @@ def evaluate_heldout(
     on_batch: Callable[[DataBatch, Output], None] | None = None,
 ) -> dict[str, Any]:
     """Mean KL (nats), pixel RMSE and each constraint's mean value (``(L,)``) on the first ``n``
-    examples of ``data``, one forward pass (one posterior draw) per batch; where a constraint has a
-    twin (:attr:`Experiment.twins`), its mean under the twin as well (``twin_means``, NaN for the
-    others). ``on_batch(batch, out)`` sees each batch, for measures of the same pass."""
+    examples of ``data``, one forward pass (one posterior draw) per batch; where constraints have
+    judges (:attr:`Experiment.judges`), each constraint's mean under each judge (``judge_means``:
+    per constraint, judge name -> ``(dim,)``). ``on_batch(batch, out)`` sees each batch, for
+    measures of the same pass."""
     n = min(n, len(data))
     kl_sq = torch.zeros(2, dtype=torch.float64, device=exp.device)
-    twins = exp.twins if any(t is not None for t in exp.twins) else []
-    twin_sums = [torch.zeros(c.dim, device=exp.device) for c in exp.stack.constraints] if twins else []
+    judges = exp.judges if any(exp.judges) else []
+    constraints = exp.stack.constraints if judges else []
+    judge_sums = [{k: torch.zeros(c.dim, device=exp.device) for k in group} for c, group in zip(constraints, judges)]
 
     def measure(batch: DataBatch, out: Output) -> None:
         kl_sq[0] += out.kl.double().sum()
         kl_sq[1] += (batch.x - out.x_hat).square().flatten(1).mean(1).double().sum()
-        for twin, total in zip(twins, twin_sums):
-            if twin is not None:
-                total += twin(constraint_batch(out, batch)).sum(0).float()
+        if judges:
+            cbatch = constraint_batch(out, batch)
+            for group, sums in zip(judges, judge_sums):
+                for name, judge in group.items():
+                    sums[name] += judge(cbatch).sum(0).float()
         if on_batch is not None:
             on_batch(batch, out)
 
@@ -319,7 +324,6 @@ def evaluate_heldout(
     result: dict[str, Any] = {"examples": n, "kl": kl / n, "rmse": math.sqrt(sq / n)}
     if exp.stack is not None:
         result["constraint_means"] = values.mean(0).cpu()
-    if twins:
-        means = [total / n if t is not None else torch.full_like(total, math.nan) for t, total in zip(twins, twin_sums)]
-        result["twin_means"] = torch.cat(means).cpu()
+    if judges:
+        result["judge_means"] = [{k: (total / n).cpu() for k, total in sums.items()} for sums in judge_sums]
     return result

@@ -19,7 +19,7 @@ from geco_core.state import MANY, overview
 from geco_core.training.experiment import Experiment, evaluate_heldout, evaluating
 from geco_core.training.trainer_state import TrainerState
 
-__all__ = ["summarise", "constraint_rows", "advice", "grid_rows", "format_summary", "second_unit"]
+__all__ = ["summarise", "constraint_rows", "advice", "judges_line", "grid_rows", "format_summary", "second_unit"]
 
 GRID_EXAMPLES = 8
 
@@ -31,12 +31,12 @@ def constraint_rows(exp: Experiment, heldout: dict[str, Any] | None) -> list[dic
         return []
     means = heldout.get("constraint_means") if heldout else None
     test_reached = stack.reached(means).tolist() if means is not None else None
-    twin_means = heldout.get("twin_means") if heldout else None
-    twin_reached = stack.reached(twin_means).tolist() if twin_means is not None else None
+    judge_means = heldout.get("judge_means") if heldout else None
     states = exp.geco.state().by_constraint() if exp.geco is not None else {}
     index = stack.split(torch.arange(stack.num_components))
     rows = []
-    for name, constraint in stack.by_name.items():
+    for k, (name, constraint) in enumerate(stack.by_name.items()):
+        judged = _judged(constraint, judge_means[k]) if judge_means else {}
         base = {"constraint": name, "kappa": constraint.kappa, "units": constraint.units}
         components, group = index[name].tolist(), states.get(name, ())
         if constraint.dim > MANY:
@@ -62,11 +62,14 @@ def constraint_rows(exp: Experiment, heldout: dict[str, Any] | None) -> list[dic
                     row["heldout_reached"] = test_reached[i]
                 if not group:
                     row["status"] = "met" if means[i] <= 0 else "violated"
-            if twin_means is not None and not math.isnan(twin_means[i]):
-                row["heldout_twin_value"] = float(twin_means[i])
-                if not math.isnan(twin_reached[i]):
-                    row["heldout_twin_reached"] = twin_reached[i]
-                row["twin_status"] = "met" if twin_means[i] <= 0 else "violated"
+            if judged:
+                row["judges"] = [{"name": judge, **values[j]} for judge, values in judged.items()]
+                row["judges_met"] = sum(v["status"] == "met" for v in row["judges"])
+                if "twin" in judged:
+                    twin = judged["twin"][j]
+                    row["heldout_twin_value"], row["twin_status"] = twin["value"], twin["status"]
+                    if "reached" in twin:
+                        row["heldout_twin_reached"] = twin["reached"]
             also = getattr(constraint, "also", None)
             if also is not None:
                 row["also"] = {"name": also.name, "symbol": also.symbol}
@@ -75,6 +78,36 @@ def constraint_rows(exp: Experiment, heldout: dict[str, Any] | None) -> list[dic
                         row[f"{key}_{also.name}"] = also.convert(row[key])
             rows.append(row)
     return rows
+
+
+def _judged(constraint, means: dict[str, torch.Tensor]) -> dict[str, list[dict[str, Any]]]:
+    """Per judge, per component: the held-out mean value, the value in kappa's units, and
+    ``met`` or ``violated``."""
+    out = {}
+    for judge, mean in means.items():
+        reached = constraint.reached(mean)
+        out[judge] = [
+            {
+                "value": float(v),
+                **({} if reached is None or math.isnan(reached[j]) else {"reached": float(reached[j])}),
+                "status": "met" if v <= 0 else "violated",
+            }
+            for j, v in enumerate(mean.tolist())
+        ]
+    return out
+
+
+def judges_line(row: dict[str, Any]) -> str | None:
+    """``cla: held-out 0.915 met under its own network and under 2 of 3 judges (twin 0.91 met, ...)``."""
+    judges = row.get("judges")
+    if not judges:
+        return None
+    own = "met" if row.get("heldout_value", math.inf) <= 0 else "not met"
+    parts = ", ".join(f"{j['name']} {_fmt(j.get('reached', j['value']), '.3f')} {j['status']}" for j in judges)
+    return (
+        f"{row['component']}: {own} under its own network, met under {row['judges_met']} of {len(judges)} "
+        f"independent judges ({parts})"
+    )
 
 
 def advice(rows: list[dict[str, Any]], config_name: str) -> list[str]:
@@ -96,12 +129,15 @@ def advice(rows: list[dict[str, Any]], config_name: str) -> list[str]:
                 f"{r['component']}: kappa {r['kappa']:g} was not met in this run (reached {r['reached']:.4g}), perhaps "
                 f"out of reach at this budget. {remedies}"
             )
-        if r.get("twin_status") == "violated" and r.get("heldout_value", 1.0) <= 0:
-            twin = r.get("heldout_twin_reached", r.get("heldout_twin_value"))
+        judges = r.get("judges") or []
+        if r.get("heldout_value", 1.0) <= 0 and r.get("judges_met", len(judges)) < len(judges):
+            failed = ", ".join(
+                f"{j['name']} {j.get('reached', j['value']):.4g}" for j in judges if j["status"] != "met"
+            )
             lines.append(
-                f"{r['component']}: met under its own network, not under its twin (held-out {twin:.4g} vs kappa "
-                f"{r['kappa']:g}): the reconstructions fool the network rather than satisfy the constraint; "
-                "stack it with a pixel constraint (re)."
+                f"{r['component']}: met under its own network, not under every independent judge ({failed} vs kappa "
+                f"{r['kappa']:g}): the reconstructions may fool the network rather than satisfy the constraint; "
+                "look at them (plots/grid.png), and stack it with a pixel constraint (re) where it is alone."
             )
     return lines
 
@@ -181,12 +217,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         widths = [max(len(t[i]) for t in table) for i in range(len(header))]
         lines.append("")
         lines += ["  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip() for t in table]
-        twins = [r for r in rows if "twin_status" in r]
-        lines += [
-            f"{r['component']} under its twin network (another seed): held-out "
-            f"{_fmt(r.get('heldout_twin_reached', r.get('heldout_twin_value')))} ({r['twin_status']})"
-            for r in twins
-        ]
+        lines += [line for line in map(judges_line, rows) if line]
         lines += summary.get("advice") or []
     final, held = summary["final"], summary["heldout"]
     lines.append("")

@@ -43,12 +43,16 @@ def train_classifier(
     batch_size: int = 128,
     seed: int = 0,
     augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+    perturb: Callable[[nn.Module, Tensor, Tensor, torch.Generator], Tensor] | None = None,
     preprocess: Transform | None = None,
+    on_epoch: Callable[[int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> float:
     """Train ``model`` (logits out) on ``train``; returns its test accuracy after the last epoch.
 
-    Each step: pixels in [0, 1] -> ``augment(x, generator)`` -> ``preprocess`` -> cross-entropy. The
+    Each step: pixels in [0, 1] -> ``augment(x, generator)`` -> ``perturb(model, x, labels,
+    generator)`` (an adversarial or noisy input, pixels in [0, 1]) -> ``preprocess`` -> cross-entropy;
+    ``on_epoch(epoch)`` after each epoch (e.g. to keep the best weights so far). The
     permutations and augmentations draw from a generator seeded with ``seed``; seed torch's global
     RNG yourself before building ``model`` for a reproducible initialisation.
     """
@@ -65,7 +69,9 @@ def train_classifier(
             idx = perm[i * batch_size : (i + 1) * batch_size]
             x = train.images[idx].float() / 255
             x = augment(x, g) if augment else x
-            loss = F.cross_entropy(model(preprocess(x) if preprocess else x), train.labels[idx])
+            y = train.labels[idx]
+            x = perturb(model, x, y, g) if perturb else x
+            loss = F.cross_entropy(model(preprocess(x) if preprocess else x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -73,4 +79,6 @@ def train_classifier(
         acc = accuracy(model, test, preprocess)
         seconds = time.perf_counter() - t0
         log(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}, test accuracy {acc:.4%} ({seconds:.0f} s)")
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
     return acc

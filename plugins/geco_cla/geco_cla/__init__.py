@@ -3,10 +3,13 @@
     form = "log" (default):   C = log kappa - log p_c(true class of x | x_hat)     per example, <= 0 when met
     form = "probability":     C = kappa - p_c(true class of x | x_hat)             (the paper's)
 
-c is a frozen convolutional MNIST classifier (``network.py``): the reconstruction must still be
-recognised as the right digit with probability at least kappa. The paper's table prints
-``l(x)^T c(g(z)) - kappa``, which would be satisfied by *failing* to classify; the sign here is the
-one that makes it a ``<= 0`` constraint.
+c is a frozen convolutional MNIST classifier (``network.py``), by default one trained to be robust to
+small perturbations (``robust.py``), whose gradients point towards what people read as the digit:
+the reconstruction must still be recognised as the right digit with probability at least kappa.
+Summaries and ``geco eval`` also report the constraint under judges that did not shape the
+reconstructions (:meth:`ClassifierAccuracy.judges`: the twin and the classifiers of the other
+recipe). The paper's table prints ``l(x)^T c(g(z)) - kappa``, which would be satisfied by *failing*
+to classify; the sign here is the one that makes it a ``<= 0`` constraint.
 
 Why the log form is the default: p saturates, so where a reconstruction is not yet recognisable
 (p near 0) the paper's form has almost no gradient and no multiplier can rescue it; ``-log p`` (the
@@ -32,12 +35,16 @@ import math
 import torch
 from torch import Tensor
 
-from geco_cla.network import DigitClassifier, load_classifier
+from geco_cla.network import SHIPPED, DigitClassifier, DigitFeatures, load_classifier
 from geco_core import Batch, ConfigError, Constraint, check_kappa, check_same_shape, freeze, hookimpl
+from geco_core.constraint import CONFIDENCE
 
-__all__ = ["ClassifierAccuracy", "DigitClassifier", "load_classifier"]
+__all__ = ["ClassifierAccuracy", "DigitClassifier", "DigitFeatures", "load_classifier"]
 
 FORMS = ("log", "probability")
+#: each shipped classifier's twin (the same recipe, seed 1), and the names judges go by
+TWINS = {"shipped": "twin", "twin": "shipped", "standard": "standard-twin", "standard-twin": "standard"}
+JUDGE_NAMES = {"shipped": "robust", "twin": "robust twin", "standard": "standard", "standard-twin": "standard twin"}
 
 
 class ClassifierAccuracy(Constraint):
@@ -47,10 +54,15 @@ class ClassifierAccuracy(Constraint):
         kappa: the probability the classifier must give the true class, in (0, 1) (e.g. 0.9).
         form: ``"log"`` (``log kappa - log p``, default) or ``"probability"`` (``kappa - p``, the
             paper's); see the module docstring.
-        weights: a safetensors file of the same architecture; default (``"shipped"``) the shipped
-            MNIST classifier; ``"twin"`` its twin, trained the same way with another seed.
+        weights: ``"shipped"`` (default): the shipped robust MNIST classifier (adversarially
+            trained: ``geco_cla.robust``); ``"twin"`` its twin (the same recipe, another seed);
+            ``"standard"`` / ``"standard-twin"``: the standard (non-robust) classifier and its twin;
+            or a safetensors file of the same architecture.
         use_labels: take the true class from the batch's labels where present (default); otherwise
             from the classifier's prediction on the target.
+        smoothing: the std (pixels) of Gaussian noise added to the reconstruction before the
+            classifier, a fresh draw each call (0: none, the default).
+        validation_confidence: standard errors of the validation mean in GECO's held-out target.
         image_shape: ``(C, 28, 28)``; C digits stacked as channels give C components.
     """
 
@@ -64,9 +76,15 @@ class ClassifierAccuracy(Constraint):
         weights: str | None = None,
         use_labels: bool = True,
         image_shape: tuple[int, int, int] | None = None,
+        smoothing: float = 0.0,
+        validation_confidence: float = CONFIDENCE,
     ) -> None:
         super().__init__()
         kappa = check_kappa("cla", kappa, 0.0, 1.0, what="a probability in (0, 1)")
+        if not 0.0 <= smoothing < math.inf:
+            raise ConfigError(f"cla: smoothing must be a noise std >= 0 in pixels, got {smoothing}")
+        self.smoothing = float(smoothing)
+        self.validation_confidence = float(validation_confidence)
         if form not in FORMS:
             raise ConfigError(f"cla: form must be log or probability, got {form!r}")
         channels = 1
@@ -90,7 +108,10 @@ class ClassifierAccuracy(Constraint):
         b, c, h, w = x_hat.shape
         if c != self.dim or (h, w) != (28, 28):
             raise ValueError(f"cla: set up for {self.dim} x 28 x 28 images, got {tuple(x_hat.shape[1:])}")
-        log_p = torch.log_softmax(self.classifier(x_hat.reshape(b * c, 1, h, w)), dim=1)
+        x_hat = x_hat.reshape(b * c, 1, h, w)
+        if self.smoothing:
+            x_hat = x_hat + self.smoothing * torch.randn_like(x_hat)
+        log_p = torch.log_softmax(self.classifier(x_hat), dim=1)
         log_p_true = log_p.gather(1, self._true_class(batch).reshape(b * c, 1)).reshape(b, c)
         if self.form == "log":
             return math.log(self.kappa) - log_p_true
@@ -107,14 +128,26 @@ class ClassifierAccuracy(Constraint):
             raise ValueError(f"cla: {labels.shape[1]} label(s) per example for {c} channel(s) of digits")
         return labels.long()
 
+    def _under(self, weights: str) -> ClassifierAccuracy:
+        image_shape = self.image_shape or (self.dim, 28, 28)
+        return ClassifierAccuracy(self.kappa, self.form, weights, self.use_labels, image_shape)
+
     def twin(self) -> ClassifierAccuracy | None:
-        """The same constraint under the shipped classifier's twin (the same recipe, seed 1): a
+        """The same constraint under the twin of a shipped classifier (the same recipe, seed 1): a
         reconstruction that only fools the first classifier is caught by the second. None for
         weights of your own."""
-        if self.weights not in (None, "shipped"):
-            return None
-        image_shape = self.image_shape or (self.dim, 28, 28)
-        return ClassifierAccuracy(self.kappa, self.form, "twin", self.use_labels, image_shape)
+        twin = TWINS.get(self.weights or "shipped")
+        return None if twin is None else self._under(twin)
+
+    def judges(self) -> dict[str, ClassifierAccuracy]:
+        """The twin, and the shipped classifiers of the other recipe (robust or standard) with
+        its twin: three networks that did not shape the reconstructions, which judge them as they
+        are (no smoothing). None for weights of your own (they may read another data set)."""
+        weights = self.weights or "shipped"
+        if weights not in TWINS:
+            return {}
+        others = [w for w in SHIPPED if w not in (weights, TWINS[weights])]
+        return {"twin": self._under(TWINS[weights]), **{JUDGE_NAMES[w]: self._under(w) for w in others}}
 
     def reached(self, values: Tensor) -> Tensor:
         """The probability of the true class that mean constraint values stand for: the geometric
@@ -122,9 +155,17 @@ class ClassifierAccuracy(Constraint):
         return self.kappa * torch.exp(-values) if self.form == "log" else self.kappa - values
 
     def extra_repr(self) -> str:
-        return f"kappa={self.kappa}, form={self.form!r}, components={self.dim}, use_labels={self.use_labels}"
+        return (
+            f"kappa={self.kappa}, form={self.form!r}, components={self.dim}, use_labels={self.use_labels}, "
+            f"smoothing={self.smoothing}"
+        )
 
 
 @hookimpl
 def geco_register_constraints(register):
     register(ClassifierAccuracy)
+
+
+@hookimpl
+def geco_register_feature_networks(register):
+    register(DigitFeatures)

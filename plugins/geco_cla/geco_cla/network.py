@@ -2,9 +2,10 @@
 
 Four 3x3 convolutions (32, 32, 64, 64 channels) with batch norm and ReLU, two 2x2 max-pools, global
 average pooling and a linear layer to 10 logits: 66k parameters, 28x28 inputs with pixels in [0, 1].
-The shipped weights were trained by ``python -m geco_cla.train`` (see the README for the command and
-the accuracy) and are verified against ``WEIGHTS_SHA256`` when loaded; so is the twin's (``--seed
-1``), the independent judge summaries use (:meth:`ClassifierAccuracy.twin`).
+Four shipped weight files, each trained by ``python -m geco_cla.train`` (the README gives the commands
+and accuracies) and verified against its sha256 when loaded (:data:`SHIPPED`): the robust network CLA
+uses by default (FGSM with a random start, L-inf 0.3) and its twin (``--seed 1``); the standard one
+and its twin, judges of another recipe (:meth:`ClassifierAccuracy.judges`).
 """
 
 from __future__ import annotations
@@ -16,15 +17,21 @@ from torch import Tensor, nn
 from geco_core import ConfigError
 from geco_core.weights import load_safetensors
 
-__all__ = ["DigitClassifier", "load_classifier", "WEIGHTS", "WEIGHTS_SHA256", "SHIPPED"]
+__all__ = ["DigitClassifier", "DigitFeatures", "load_classifier", "WEIGHTS", "WEIGHTS_SHA256", "SHIPPED"]
 
-WEIGHTS = Path(__file__).with_name("mnist_classifier.safetensors")
-WEIGHTS_SHA256 = "44ea8dd728d21467decae66bf08a5019483f09fee3cf31f67da67099a98ef9df"
+WEIGHTS = Path(__file__).with_name("mnist_classifier_robust.safetensors")
+WEIGHTS_SHA256 = "59fd842deaa19d42dff5c7c171f04c530a8bd050f04ee65bed126c4f9b31cfe8"
+ROBUST_TWIN_SHA256 = "c9b797a2d01e04c2eccf2c1e78772cf3506b8924ec14f79f4588fb8e420c3bc4"
+STANDARD_SHA256 = "44ea8dd728d21467decae66bf08a5019483f09fee3cf31f67da67099a98ef9df"
 TWIN_SHA256 = "0d7e805774f6002c3f429e4cf0a94d88fbcf95ae62d868efeda868ae63880d1d"
-#: the shipped classifiers by name: the one CLA uses, and its twin (the same recipe, seed 1)
+#: the shipped classifiers by name: the robust one CLA uses by default and its twin (the same
+#: recipe, seed 1); the standard (non-robust) one and its twin, the independent judges of another
+#: recipe. The standard twin is also the feature network of the realism measure (``DigitFeatures``).
 SHIPPED = {
     "shipped": (WEIGHTS, WEIGHTS_SHA256),
-    "twin": (WEIGHTS.with_name("mnist_classifier_twin.safetensors"), TWIN_SHA256),
+    "twin": (WEIGHTS.with_name("mnist_classifier_robust_twin.safetensors"), ROBUST_TWIN_SHA256),
+    "standard": (WEIGHTS.with_name("mnist_classifier.safetensors"), STANDARD_SHA256),
+    "standard-twin": (WEIGHTS.with_name("mnist_classifier_twin.safetensors"), TWIN_SHA256),
 }
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics, pixels in [0, 1]
 
@@ -48,8 +55,8 @@ class DigitClassifier(nn.Module):
 
 
 def load_classifier(path: str | Path | None = None) -> DigitClassifier:
-    """The shipped classifier (``None`` or ``"shipped"``) or its twin (``"twin"``), checksums
-    verified, or the weights at ``path`` (safetensors, same architecture, e.g. trained by
+    """A shipped classifier by name (:data:`SHIPPED`; ``None`` is ``"shipped"``, the robust one),
+    checksum verified, or the weights at ``path`` (safetensors, same architecture, e.g. trained by
     ``python -m geco_cla.train --dataset fashion-mnist``)."""
     file, sha = SHIPPED.get(str(path or "shipped"), (Path(str(path)), None))
     state, _ = load_safetensors(file, owner="cla", sha256_expected=sha, distribution="geco-cla")
@@ -59,3 +66,26 @@ def load_classifier(path: str | Path | None = None) -> DigitClassifier:
     except RuntimeError as exc:
         raise ConfigError(f"cla: cannot load classifier weights from {path}: {str(exc).splitlines()[0]}") from None
     return model.eval()
+
+
+class DigitFeatures(nn.Module):
+    """Realism features of MNIST-family images: the 64 pooled features before the last layer of
+    the standard twin classifier (which no constraint uses by default), channel by channel:
+    ``(B, C, 28, 28)`` pixels in [0, 1] -> ``(B, 64 C)``."""
+
+    name = "digits"
+    datasets = ("mnist", "color-mnist", "mnist-triplets", "mnist-rotate", "mnist-sum", "mnist-sumhard")
+
+    def __init__(self, image_shape: tuple[int, int, int] = (1, 28, 28)) -> None:
+        super().__init__()
+        channels, h, w = image_shape
+        if (h, w) != (28, 28):
+            raise ConfigError(f"digits features: read 28x28 digits, but the images are {tuple(image_shape)}")
+        self.classifier = load_classifier("standard-twin").requires_grad_(False)
+        self.num_features = 64 * channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        net = self.classifier
+        pooled = net.head[1](net.head[0](net.features((x.reshape(b * c, 1, h, w) - MEAN) / STD)))
+        return pooled.reshape(b, c * 64)
