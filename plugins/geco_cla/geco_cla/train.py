@@ -46,9 +46,9 @@ def main() -> None:
     parser.add_argument("--data", help="data root with MNIST/raw/ (default: $GECO_DATA)")
     parser.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=6, help="(default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak of the one-cycle schedule (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     parser.add_argument("--no-augment", action="store_true", help="no random rotations and shifts")
     parser.add_argument("--recipe", default="standard", choices=RECIPES, help="training inputs (default: %(default)s)")
     parser.add_argument(
