@@ -341,6 +341,23 @@ def test_find_kappa_writes_its_folder_and_geco_train_warns_of_a_kappa_below_its_
     assert loose.returncode == 0 and "geco: warning:" not in loose.stderr
 
 
+@needs_plugins
+def test_the_floor_warning_compares_a_kappa_given_in_db_like_one_given_as_rmse(tmp_path):
+    """RE's kappa_psnr = 30 (RMSE 0.0316) is tighter than a floor of 0.05 as kappa = 0.0316 is."""
+    base = {"logging": {"dir": str(tmp_path), "progress": False}}
+    as_db = config(constraints=[{"name": "re", "kappa_psnr": 30}], **base)
+    as_rmse = config(constraints=[{"name": "re", "kappa": 0.0316}], **base)
+    assert finder.fingerprint(as_db) == finder.fingerprint(as_rmse)
+    meta = {"floor": 0.05, "suggested_kappa": 0.06, "direction": "lower is tighter"}
+    result = {"config_fingerprint": finder.fingerprint(as_db), "budget": 1000, "constraints": {"re": meta}}
+    (tmp_path / "kappa-tiny").mkdir()
+    (tmp_path / "kappa-tiny" / "kappa.json").write_text(json.dumps(result))
+    (db,), (rmse,) = finder.below_floor(as_db), finder.below_floor(as_rmse)
+    assert db.startswith("re: kappa 0.0316") and rmse.startswith("re: kappa 0.0316")
+    loose = config(constraints=[{"name": "re", "kappa_psnr": 20}], **base)  # RMSE 0.1: above the floor
+    assert finder.below_floor(loose) == []
+
+
 def test_an_unreachable_kappa_is_explained_with_what_to_do(tmp_path):
     from geco_core.training.summary import format_summary
 

@@ -45,6 +45,7 @@ import torch
 
 from geco_core.errors import ConfigError
 from geco_core.figures.run import pyplot, save_figure
+from geco_core.plugins import create
 from geco_core.training import Callback, Config, Run, TrainerState, load_config, strict_json, train, write_atomic
 from geco_core.training.experiment import constraint_values
 from geco_core.training.rng import seeded
@@ -415,6 +416,17 @@ def finder_result(config: Config) -> dict[str, Any] | None:
     return max(found, key=lambda f: f[0])[1] if found else None
 
 
+def _kappa_of(spec) -> float | None:
+    """A configured constraint's kappa in its own units, also where the config gives it in another
+    (RE's ``kappa_psnr``): the constraint built from the options says; None where it cannot be."""
+    if "kappa" in spec.options:
+        return spec.options["kappa"]
+    try:
+        return getattr(create("constraint", spec.name, **spec.options), "kappa", None)
+    except (ConfigError, TypeError, ValueError):
+        return None
+
+
 def below_floor(config: Config) -> list[str]:
     """One line per constraint whose kappa is tighter than a finder's reachable floor for this config."""
     result = finder_result(config)
@@ -422,7 +434,7 @@ def below_floor(config: Config) -> list[str]:
         return []
     lines = []
     for spec, (name, c) in zip(config.constraints, result["constraints"].items()):
-        kappa, floor = spec.options.get("kappa"), c.get("floor")
+        kappa, floor = _kappa_of(spec), c.get("floor")
         if kappa is not None and floor is not None and _tighter(c) * (kappa - floor) > 0:
             lines.append(
                 f"{name}: kappa {kappa:g} is tighter than the reachable floor {floor:.4g} at {result['budget']} "

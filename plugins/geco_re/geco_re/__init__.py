@@ -68,7 +68,7 @@ class ReconstructionError(Constraint):
             if not isinstance(kappa_psnr, int | float) or isinstance(kappa_psnr, bool) or not 0 < kappa_psnr < math.inf:
                 raise ConfigError(f"re: kappa_psnr must be a PSNR in dB > 0 (e.g. 20), got {kappa_psnr!r}")
             kappa = rmse(kappa_psnr)
-        kappa = check_kappa("re", kappa, 0.0, what="a pixel RMSE > 0 (e.g. 0.1)")
+        kappa = check_kappa("re", kappa, 0.0, 1.0, what="a pixel RMSE in (0, 1) (e.g. 0.1; pixels lie in [0, 1])")
         if per not in PER:
             raise ConfigError(f"re: per must be one of {', '.join(PER)}; got {per!r}")
         if per != "image" and (image_shape is None or len(image_shape) != 3 or min(image_shape) < 1):

@@ -81,3 +81,12 @@ def test_per_pixel_gives_each_dimension_its_own_multiplier():
     geco(torch.zeros(8), Batch(x, x_hat))
     assert geco.component_names == [f"re[{j}]" for j in range(4)]
     assert geco.lambdas[0] > 1 and (geco.lambdas[1:] < 1).all()
+
+
+@pytest.mark.parametrize("kappa", [0, -0.1, 1.0, 1.5, float("nan")])
+def test_a_kappa_no_pixel_rmse_can_take_is_rejected_in_one_line(kappa):
+    """Pixels lie in [0, 1], so an RMSE of 1 or more asks for nothing (the run trains to KL 0)."""
+    with pytest.raises(ConfigError, match=r"re: kappa must be a pixel RMSE in \(0, 1\)") as info:
+        ReconstructionError(kappa)
+    assert "\n" not in str(info.value)
+    assert ReconstructionError(0.999).kappa == 0.999
