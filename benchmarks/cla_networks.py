@@ -90,9 +90,10 @@ def run(out: str, name: str, spec: str, steps: int, kappa: float, guard: float |
         resume(folder)  # an interrupted run continues
     elif not (folder / "summary.json").is_file():
         train(config=Config.from_dict(config), run_dir=folder, extra_callbacks=[])
-    summary = Run.open(folder).read_summary()
-    exp = build(Run.open(folder).config)
-    exp.load_state_dict(Run.open(folder).load_checkpoint())
+    done = Run.open(folder)
+    summary = done.read_summary()
+    exp = build(done.config)
+    exp.load_state_dict(done.load_checkpoint())
     split, data = exp.heldout
     batch = data.batch(torch.arange(EXAMPLES))
     torch.manual_seed(0)

@@ -305,8 +305,11 @@ def evaluate_heldout(
     n = min(n, len(data))
     kl_sq = torch.zeros(2, dtype=torch.float64, device=exp.device)
     judges = exp.judges if any(exp.judges) else []
-    constraints = exp.stack.constraints if judges else []
-    judge_sums = [{k: torch.zeros(c.dim, device=exp.device) for k in group} for c, group in zip(constraints, judges)]
+    judge_sums = (
+        [{k: torch.zeros(c.dim, device=exp.device) for k in group} for c, group in zip(exp.stack.constraints, judges)]
+        if judges
+        else []
+    )
 
     def measure(batch: DataBatch, out: Output) -> None:
         kl_sq[0] += out.kl.double().sum()

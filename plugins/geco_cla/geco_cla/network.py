@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from geco_core import ConfigError
+from geco_core import ConfigError, freeze
 from geco_core.weights import load_safetensors
 
 __all__ = ["DigitClassifier", "DigitFeatures", "load_classifier", "WEIGHTS", "WEIGHTS_SHA256", "SHIPPED"]
@@ -81,11 +81,10 @@ class DigitFeatures(nn.Module):
         channels, h, w = image_shape
         if (h, w) != (28, 28):
             raise ConfigError(f"digits features: read 28x28 digits, but the images are {tuple(image_shape)}")
-        self.classifier = load_classifier("standard-twin").requires_grad_(False)
+        self.classifier = freeze(load_classifier("standard-twin"))
         self.num_features = 64 * channels
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        net = self.classifier
-        pooled = net.head[1](net.head[0](net.features((x.reshape(b * c, 1, h, w) - MEAN) / STD)))
-        return pooled.reshape(b, c * 64)
+        net = self.classifier  # its head without the last layer: pool, flatten
+        return net.head[:2](net.features((x.reshape(b * c, 1, h, w) - MEAN) / STD)).reshape(b, c * 64)

@@ -65,6 +65,7 @@ def main() -> None:
     test = create("dataset", args.dataset, root=args.data, split="test", download=False)
     model = DigitClassifier()
     best = {"epoch": 0, "pgd10": -1.0, "state": None}
+    keep_best = None
     if args.recipe == "fgsm-rs":  # keep the epoch most robust on held-out training digits
         train, held = train.split(1000, args.seed)
 
@@ -83,7 +84,7 @@ def main() -> None:
         seed=args.seed,
         augment=None if args.no_augment else augment,
         perturb=perturbation(args.recipe, args.eps, args.pgd_steps),
-        on_epoch=keep_best if args.recipe == "fgsm-rs" else None,
+        on_epoch=keep_best,
         log=lambda line: print(line, flush=True),
     )
     if best["state"] is not None and best["epoch"] != args.epochs:
