@@ -18,6 +18,11 @@ benchmark's frontier, shared with it through ``--out``). Reports:
 
 Runs are cached (``bench.json``, ``kappa.json``) and reused by a second invocation. Writes
 ``OUT/kappa_finder.md`` and ``OUT/kappa_finder.json``.
+
+With ``--lengths 300 1000 2000``: the finder at each length on each of ``LENGTH_CELLS`` (the shipped
+RE, pNCC and SSIM configs as shipped, and Fashion-MNIST, which no config ships), its floor at each
+of ``--budgets`` against the longest finder's, and whether it says "cannot tell" instead
+(``OUT/lengths/``, ``OUT/kappa_lengths.md``).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from multipliers import cell_config, frontier_cell, frontier_kl, run_cell  # noqa: E402
+from multipliers import REPO, cell_config, frontier_cell, frontier_kl, run_cell  # noqa: E402
 
 #: config stem -> the multiplier benchmark's cells of three kappa, the first near the reachable floor
 CONFIGS: dict[str, tuple[str, str, str]] = {
@@ -48,6 +53,14 @@ OUT_OF_REACH = {
     "color-mnist-geco-re": "color-mnist-k0.1",
     "mnist-geco-pncc": "pncc-k0.97",
     "mnist-geco-fre": "fre-k0.15",
+}
+#: the finder-length benchmark's cells: name -> (config, overrides)
+LENGTH_CELLS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mnist-geco-re": ("mnist-geco-re.toml", ()),
+    "fashion-re": ("mnist-geco-re.toml", ("data.name=fashion-mnist",)),
+    "color-mnist-geco-re": ("color-mnist-geco-re.toml", ()),
+    "mnist-geco-pncc": ("mnist-geco-pncc.toml", ()),
+    "mnist-geco-ssim": ("mnist-geco-ssim.toml", ()),
 }
 #: fixed lambda = factor * natural scale: the multiplier benchmark's frontier and a high one
 FIXED = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
@@ -151,6 +164,61 @@ def report(out: Path, steps: int) -> tuple[str, list[dict[str, Any]]]:
     return text, rows
 
 
+def run_length(out: str, cell: str, steps: int) -> None:
+    """One finder of ``steps`` on a length cell (predicting for 2000 steps; re-analysed per budget); cached."""
+    import torch
+
+    torch.set_num_threads(1)
+    from geco_core.evaluation.kappa import find_kappa
+
+    folder = Path(out) / "lengths" / f"{cell}-{steps}"
+    if (folder / "kappa.json").is_file():
+        return
+    path, overrides = LENGTH_CELLS[cell]
+    settings = ["train.steps=2000", "logging.progress=false", f"logging.dir='{Path(out) / 'lengths'}'"]
+    find_kappa(REPO / "configs" / path, overrides=[*settings, *overrides], steps=steps, run_dir=folder)
+
+
+def lengths_report(out: Path, lengths: list[int], budgets: list[int]) -> str:
+    """Per cell and budget: each finder's floor (re-analysed at the budget) against the longest's."""
+    from geco_core.evaluation.kappa import analyse
+
+    longest = max(lengths)
+    lines = [
+        "| cell | budget | " + " | ".join(f"{n} steps" for n in lengths) + " |",
+        "|---|---|" + "---|" * len(lengths),
+    ]
+    for cell in LENGTH_CELLS:
+        results = {}
+        for n in lengths:
+            path = out / "lengths" / f"{cell}-{n}" / "kappa.json"
+            if path.is_file():
+                results[n] = json.loads(path.read_text())
+        for budget in budgets:
+            floors = {}
+            for n, r in results.items():
+                meta = {
+                    k: {m: c[m] for m in ("units", "kappa", "direction", "perfect")}
+                    for k, c in r["constraints"].items()
+                }
+                (c,) = analyse(r["points"], meta, budget, r["hold_steps"]).values()
+                floors[n] = c
+            ref = floors.get(longest, {}).get("floor")
+            cells = []
+            for n in lengths:
+                c = floors.get(n)
+                if c is None:
+                    cells.append("-")
+                elif c["floor"] is None:
+                    cells.append("cannot tell")
+                elif n == longest or ref is None:
+                    cells.append(f"{c['floor']:.4g} ({c['floor_status']})")
+                else:
+                    cells.append(f"{c['floor']:.4g} ({(c['floor'] - ref) / ref:+.1%})")
+            lines.append(f"| {cell} | {budget} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _f(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -161,7 +229,18 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)))
+    parser.add_argument("--lengths", type=int, nargs="+", help="the finder-length benchmark instead (module docstring)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[1000, 2000, 3000, 5000])
     args = parser.parse_args()
+    if args.lengths:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            jobs = [pool.submit(run_length, args.out, cell, n) for n in args.lengths for cell in LENGTH_CELLS]
+            for job in jobs:
+                job.result()
+        text = lengths_report(Path(args.out), args.lengths, args.budgets)
+        (Path(args.out) / "kappa_lengths.md").write_text(text)
+        print(text)
+        return
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = []
         for stem in args.configs:

@@ -95,6 +95,9 @@ def _train(args: argparse.Namespace) -> int:
     from geco_core.training import load_config, train
 
     config = load_config(args.config, args.set)
+    if args.print_config:
+        print(config.to_toml(), end="")
+        return 0
     if os.environ.get("RANK", "0") == "0":
         for line in below_floor(config):
             print(f"geco: warning: {line}", file=sys.stderr)
@@ -185,7 +188,7 @@ def _add_set(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override a config value (TOML syntax), e.g. --set train.steps=200 --set constraints.0.kappa=0.08",
+        help="override a config value (TOML syntax), e.g. --set train.steps=2000 --set constraints.0.kappa=0.08",
     )
 
 
@@ -225,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a TOML config, e.g. configs/quickstart.toml")
     _add_set(p)
     p.add_argument("--run-dir", help="the run folder (default: logging.dir/<name>-<time>)")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (the --set overrides applied, every default written out) as TOML and exit",
+    )
     _add_output(p)
     p.set_defaults(run=_train)
 
@@ -233,7 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="a TOML config with a GECO objective, e.g. configs/mnist-geco-re.toml")
     _add_set(p)
-    p.add_argument("--steps", type=int, help="the finder's length (default: train.steps, at most 2000)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="the finder's length (default: train.steps up to 2000 steps; above 5000, train.steps / 2.5, so that "
+        "its floor reaches the budget)",
+    )
     p.add_argument("--run-dir", help="its folder (default: logging.dir/kappa-<name>-<time>)")
     p.set_defaults(run=_find_kappa)
 

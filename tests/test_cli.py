@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tomllib
 
 import pytest
 import tomli_w
@@ -52,6 +53,21 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, geco_cli, 
     out = geco_cli("train", write_config(tmp_path), "--run-dir", tmp_path / "run", *args)
     assert_user_error(out, *fragments)
     assert not (tmp_path / "run").exists()
+
+
+def test_print_config_shows_the_resolved_config_with_every_default_and_trains_nothing(tmp_path, geco_cli):
+    from geco_core.training.config import Config
+
+    doc = {**TINY, "logging": {**TINY["logging"], "dir": str(tmp_path / "runs")}}
+    out = geco_cli("train", write_config(tmp_path, doc), "--print-config", "--set", "train.lr=0.0042")
+    assert out.returncode == 0, out.stderr
+    printed = tomllib.loads(out.stdout)
+    assert out.stdout.startswith("# geco ") and printed["train"]["lr"] == 0.0042
+    assert {"validation", "validate_every", "seed", "precision"} <= set(printed["train"])  # defaults written out
+    assert "tensorboard" in printed["logging"] and "alpha" in printed["objective"]["geco"]
+    expected = {**doc, "train": {**doc["train"], "lr": 0.0042}}
+    assert Config.from_dict(printed) == Config.from_dict(expected)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_missing_data_files_are_a_user_error_naming_the_files(tmp_path, geco_cli):

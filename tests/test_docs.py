@@ -33,7 +33,8 @@ def test_the_site_builds_strictly(tmp_path):
 
 def test_every_python_block_of_the_docs_is_run_by_a_test():
     """A block is run by one of the tests below: the own loop, the callback, the plugin."""
-    markers = ("for x, y in loader", "class PrintLambda(Callback)", "geco_register_constraints", "ConstraintContract")
+    markers = ("for x, y in loader", "class PrintLambda(Callback)", "geco_register_constraints", "ConstraintContract",
+               "finder = KappaFinder(")  # fmt: skip
     for block in python_blocks():
         assert any(m in block for m in markers), block[:200]
 
@@ -51,6 +52,35 @@ def test_the_own_loop_example_trains_moves_lambda_and_skips_non_finite_batches()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     start = type(geco)([scope["re"]], alpha=0.9).lambdas  # where the same GECO starts
     assert geco.lambdas.item() > start.item()  # random images are far above kappa: lambda rose
+
+
+def test_the_own_loop_finder_example_runs_and_gives_the_commands_result(tmp_path, monkeypatch):
+    """The KappaFinder block of docs/kappa.md, shortened to 80 steps on random images: it probes 40
+    times, the table and plot are written, and GECO leaves the finder as it entered it."""
+    from geco_core import GECO, create_constraint
+    from geco_core.models import MLPVAE
+
+    (block,) = [b for b in python_blocks() if "finder = KappaFinder(" in b]
+    block = block.replace("steps=2000, budget=5000", "steps=80, budget=200")
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = MLPVAE((1, 8, 8), latent_dim=4, hidden=(32,))
+    geco = GECO([create_constraint("re", kappa=0.2, image_shape=(1, 8, 8))], alpha=0.9)
+    images = torch.rand(64, 1, 8, 8)
+    batches = (images[i % 8 * 8 : i % 8 * 8 + 8] for i in range(10**6))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scope = {"geco": geco, "model": model, "optimizer": optimizer, "batches": batches, "x_val": torch.rand(32, 1, 8, 8),
+             "print": lambda *a: None}  # fmt: skip
+    before = {k: v.clone() for k, v in geco.state_dict().items() if isinstance(v, torch.Tensor)}
+    exec(compile(block, "kappa.md", "exec"), scope)
+    result = scope["result"]
+    assert len(result["points"]) == 40 and result["finder_steps"] == 80
+    assert [p["step"] for p in result["points"]] == list(range(2, 81, 2))
+    factors = [p["factor"] for p in result["points"]]
+    assert max(factors) == pytest.approx(100.0) and factors[-1] == pytest.approx(3e-3, rel=1e-3)  # the ramp
+    assert "reachable floor at 200 steps" in result.table() and (tmp_path / "kappa.png").stat().st_size > 5000
+    assert geco.controller.name == "restart"
+    assert all(torch.equal(v, geco.state_dict()[k]) for k, v in before.items())
 
 
 def test_the_callback_example_runs_and_its_callback_sees_every_record(tmp_path, monkeypatch, capsys):

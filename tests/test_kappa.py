@@ -89,6 +89,59 @@ def test_the_floor_is_never_looser_than_a_value_the_run_measured_nor_the_suggest
     assert finder.predict_kl(result, 0.064) is None  # tighter than anything reached: out of reach
 
 
+@pytest.mark.parametrize("steps", [40, 300, 1000, 2000, 6000])
+def test_the_ramp_reaches_its_hold_within_a_quarter_of_any_finder_and_keeps_the_restart_rate_when_it_can(steps):
+    options = finder.ramp_options(steps)
+    ramp = Ramp(**options)
+    top = math.ceil(math.log(options["high"] / options["start"]) / options["rate"])
+    assert top <= finder.CLIMB * steps + 1 < options["hold"] * steps
+    assert float(ramp.factor(torch.tensor(float(top)))) == pytest.approx(options["high"])
+    assert options["rate"] == (finder.RATE if steps >= 1000 else pytest.approx(math.log(1e5) / (0.25 * steps)))
+    with pytest.raises(ConfigError, match=f"at least {finder.MIN_STEPS} steps"):
+        finder.ramp_options(finder.MIN_STEPS - 1)
+
+
+def test_a_floor_never_passes_perfect_and_is_not_extrapolated_beyond_what_the_finder_supports():
+    """A learning curve still falling steeply (RMSE 0.4 t^-0.3 - 0.06 crosses 0 before the budget;
+    a correlation 1.1 - 0.5 t^-0.3 crosses 1) extrapolates past perfection: the floor stops at the
+    perfect value. A budget further than REACH times the held part gets no number, and the table
+    says so and how long a finder would tell."""
+    steps = range(10, 151, 10)
+    within = finder.REACH * 150
+    assert 0.4 * within**-0.3 - 0.06 < 0 < 0.4 * 150**-0.3 - 0.06
+    held = [{"step": s, "values": {"re": 0.4 * s**-0.3 - 0.06}, "kl": 120.0} for s in steps]
+    down = [{"step": 150 + 10 * i, "values": {"re": 0.1 + 0.01 * i}, "kl": 100.0 * 0.8**i} for i in range(1, 16)]
+    meta = {"re": {"units": "rmse", "kappa": 0.1, "direction": "lower is tighter", "perfect": 0.0}}
+    (near,) = finder.analyse(held + down, meta, budget=within, hold_steps=150).values()
+    assert near["floor_status"] == "extrapolated" and near["floor"] == 0.0
+    (far,) = finder.analyse(held + down, meta, budget=within + 1, hold_steps=150).values()
+    assert far["floor"] is None and far["floor_status"] == "cannot tell"
+    assert far["table"] and far["table"][0]["kappa"] == pytest.approx(far["floor_measured"], rel=1e-2)
+    fake = {
+        "budget": within + 1,
+        "finder_steps": 300,
+        "hold_steps": 150,
+        "knee": finder.KNEE,
+        "constraints": {"re": far},
+    }
+    text = finder.format_result(fake)
+    assert (
+        "cannot tell at this length" in text
+        and f"--steps {math.ceil((within + 1) / (finder.REACH * finder.HOLD))} or more" in text
+    )
+    meta = {"pncc": {"units": "r", "kappa": 0.9, "direction": "higher is tighter", "perfect": 1.0}}
+    rising = [{"step": s, "values": {"pncc": 1.1 - 0.5 * s**-0.3}, "kl": 50.0} for s in steps]
+    (capped,) = finder.analyse(rising, meta, budget=within, hold_steps=150).values()
+    assert capped["floor"] == 1.0 and capped["floor_status"] == "extrapolated"
+
+
+def test_the_default_finder_is_long_enough_for_its_floor_to_reach_the_budget():
+    assert finder.default_steps(600) == 600 and finder.default_steps(2000) == finder.FINDER_STEPS
+    assert finder.default_steps(5000) == finder.FINDER_STEPS and finder.default_steps(10_000) == 4000
+    for budget in (600, 3000, 10_000, 50_000):
+        assert budget <= finder.REACH * finder.HOLD * finder.default_steps(budget)
+
+
 def test_predictions_interpolate_log_linearly_and_say_what_lies_beyond_the_curve():
     result = {
         "direction": "lower is tighter",
@@ -304,15 +357,22 @@ def test_a_summary_shows_kappa_and_the_reached_values_in_db_beside_the_rmse(tmp_
     assert f"0.1000 (20.0 dB)  {row['reached']:.4f} ({row['reached_psnr']:.1f} dB)" in format_summary(summary)
 
 
-def test_the_fingerprint_ignores_kappa_and_logging_but_not_the_rest():
+def test_the_fingerprint_is_the_data_model_and_constraint_stack_whatever_the_settings():
     base = config()
     assert finder.fingerprint(base) == finder.fingerprint(config(constraints=[{"name": "test-mae", "kappa": 0.5}]))
     assert finder.fingerprint(base) == finder.fingerprint(config(logging={"dir": "elsewhere"}))
     assert finder.fingerprint(base) == finder.fingerprint(config(train={"steps": 99}))  # kept in the result
     machine = {"threads": 1, "device": "cpu", "compile": True, "seed": 3, "log_every": 7, "checkpoint_every": 9}
     assert finder.fingerprint(base) == finder.fingerprint(config(train=machine))
-    assert finder.fingerprint(base) != finder.fingerprint(config(train={"lr": 0.1}))
+    assert finder.settings(base) == finder.settings(config(train=machine))
+    optimiser = config(train={"lr": 0.1, "batch_size": 16}, objective={"geco": {"alpha": 0.5, "controller": "paper"}})
+    assert finder.fingerprint(base) == finder.fingerprint(optimiser)
+    changed = {k for k, v in finder.settings(optimiser).items() if finder.settings(base).get(k) != v}
+    assert changed == {"train.lr", "train.batch_size", "objective.geco.alpha", "objective.geco.lr"}
     assert finder.fingerprint(base) != finder.fingerprint(config(model={"latent_dim": 8}))
+    assert finder.fingerprint(base) != finder.fingerprint(config(data={"n": 64}))
+    two = [{"name": "test-mae", "kappa": 0.15}, {"name": "test-mae", "kappa": 0.2}]
+    assert finder.fingerprint(base) != finder.fingerprint(config(constraints=two))
 
 
 def test_find_kappa_writes_its_folder_and_geco_train_warns_of_a_kappa_below_its_floor(tmp_path):
@@ -339,6 +399,11 @@ def test_find_kappa_writes_its_folder_and_geco_train_warns_of_a_kappa_below_its_
     assert len(warnings) == 1 and "tighter than the reachable floor" in warnings[0] and "geco find-kappa" in warnings[0]
     loose = run_geco("train", path, "--set", f"constraints.0.kappa={floor * 3}", "--set", "train.steps=2")
     assert loose.returncode == 0 and "geco: warning:" not in loose.stderr
+    other = run_geco("train", path, "--set", f"constraints.0.kappa={floor / 2}", "--set", "train.steps=2",
+                     "--set", "train.lr=0.0123")  # fmt: skip
+    (warning,) = [line for line in other.stderr.splitlines() if line.startswith("geco: warning:")]
+    assert "tighter than the reachable floor" in warning and "other settings: train.lr" in warning
+    assert "(here 0.0123)" in warning
 
 
 @needs_plugins

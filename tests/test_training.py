@@ -320,6 +320,24 @@ def test_a_run_folder_written_by_geco_0_1_0_resumes_with_algorithm_1_as_it_was_t
         assert torch.equal(a["objective"][key], b["objective"][key]), key
 
 
+def test_a_run_folder_names_the_version_that_wrote_it_and_the_upgrade_is_keyed_by_it(tmp_path):
+    """config.toml's first line names the geco that wrote it; a document of 0.4.0 or later is read as
+    it is, while the same document with no version (before 0.4.0) is upgraded by its contents."""
+    from geco_core import __version__
+    from geco_core.training.upgrade import CURRENT_FORMAT, upgrade_resolved, written_by
+
+    run = train(config=config(train={"steps": 2}), run_dir=tmp_path / "run")
+    text = (run / "config.toml").read_text()
+    assert text.startswith(f"# geco {__version__}:") and load_config(run / "config.toml", resolved=True) == config(
+        train={"steps": 2}
+    )
+    assert written_by("# geco 0.4.0: the resolved config\n") == (0, 4, 0) and written_by("[data]\n") is None
+    doc = tomllib.loads(text)
+    del doc["train"]["validation"]  # as 0.2.0 wrote it: no validation split
+    assert upgrade_resolved(copy.deepcopy(doc), None)["train"]["validation"] == 0
+    assert "validation" not in upgrade_resolved(copy.deepcopy(doc), CURRENT_FORMAT)["train"]
+
+
 def test_a_cpu_experiment_keeps_freed_memory_in_the_process(monkeypatch):
     """build() on a CPU tells glibc to keep freed blocks (the allocator setting measured in
     docs/BENCHMARKS.md), and on Linux the setting is accepted."""

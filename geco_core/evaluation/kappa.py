@@ -33,6 +33,7 @@ below the floor), ``kappa.md`` (the table) and ``kappa.png`` (curve and learning
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -45,6 +46,7 @@ import torch
 
 from geco_core.errors import ConfigError
 from geco_core.figures.run import pyplot, save_figure
+from geco_core.geco import build_controller
 from geco_core.plugins import create
 from geco_core.training import Callback, Config, Run, TrainerState, load_config, strict_json, train, write_atomic
 from geco_core.training.experiment import constraint_values
@@ -52,15 +54,21 @@ from geco_core.training.rng import seeded
 
 __all__ = [
     "find_kappa",
+    "KappaFinder",
+    "KappaResult",
+    "probe_point",
+    "ramp_options",
     "predict_kl",
     "describe",
     "analyse",
     "fingerprint",
+    "settings",
     "finder_result",
     "below_floor",
     "format_result",
     "KNEE",
     "FINDER_STEPS",
+    "default_steps",
 ]
 
 #: a further 1% of kappa past the suggested one costs more than this much KL (relative)
@@ -70,30 +78,62 @@ FINDER_STEPS = 2000
 #: the ramp (``Ramp``): lambda / natural scale while held, the share of the steps before the
 #: descent, and lambda / natural scale at its end
 HIGH, HOLD, LOW = 100.0, 0.5, 3e-3
+#: the ramp's climb (from ``START`` times the natural scale at ``RATE`` per step in log lambda, the
+#: ``restart`` controller's) takes at most this share of the finder's steps: faster on short finders
+START, RATE, CLIMB = 1e-3, 0.05, 0.25
+#: the shortest finder: fewer probes than this leave no curve to read
+MIN_STEPS = 20
+#: the floor is extrapolated at most this many times the held part's length
+REACH = 5
 #: validation examples measured at each probe, and probes per run
 PROBE_EXAMPLES, PROBES = 400, 40
 
 
+#: the train keys that are neither what a finder's result is for nor the optimiser's settings:
+#: the budget (kept in the result), the seed, the machine and the run's bookkeeping
+_BOOKKEEPING = ("steps", "seed", "threads", "device", "compile", "checkpoint_every", "log_every", "validate_every",
+                "max_nonfinite_steps")  # fmt: skip
+
+
 def fingerprint(config: Config) -> str:
-    """What a finder's result is valid for: the config apart from the constraints' kappa, the
-    budget (``train.steps``, kept in the result), the logging section, the seed and the settings
-    of the machine and the run's bookkeeping (threads, device, compile, checkpoints, records)."""
+    """What a finder's result is valid for: the data, the model and the constraint stack (each
+    constraint's options but kappa), whatever the optimiser's settings (:func:`settings`)."""
     doc = config.to_dict()
-    doc.pop("logging", None)
-    ignored = ("steps", "seed", "threads", "device", "compile", "checkpoint_every", "log_every", "validate_every",
-               "max_nonfinite_steps")  # fmt: skip
-    for key in ignored:
-        doc["train"].pop(key, None)
-    for c in doc.get("constraints", []):
-        c.pop("kappa", None)
-        c.pop("kappa_psnr", None)
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    constraints = [{k: v for k, v in c.items() if k not in ("kappa", "kappa_psnr")} for c in doc["constraints"]]
+    what = {"data": doc["data"], "model": doc["model"], "constraints": constraints}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def settings(config: Config) -> dict[str, Any]:
+    """The optimiser's settings a finder ran with (``train.lr``, ``train.batch_size``, the
+    objective's ``alpha``, controller, ...), flat, keyed as ``--set`` keys them."""
+    doc = config.to_dict()
+    out = {f"train.{k}": v for k, v in doc["train"].items() if k not in _BOOKKEEPING}
+    name = config.objective.name
+    out["objective.name"] = name
+    out.update({f"objective.{name}.{k}": v for k, v in doc["objective"].get(name, {}).items()})
+    return json.loads(json.dumps(out, default=str))
+
+
+def probe_point(geco, step: int, values: torch.Tensor, kl: torch.Tensor) -> dict[str, Any]:
+    """One measurement of the finder: each constraint's mean over the validation examples'
+    ``values`` ``(n, L)`` in kappa's units (a constraint of several components: the mean of its
+    components), their mean ``kl`` ``(n,)`` (nats) and lambda / natural scale, at ``step``."""
+    means = values.detach().float().mean(0)
+    points = {}
+    for (name, part), constraint in zip(geco.split(means).items(), geco.stack.constraints):
+        mean = part.mean().reshape(1)
+        reached = constraint.reached(mean)
+        points[name] = float(mean if reached is None else reached)
+    factor = float((geco.lambdas / geco.multiplier_scale).mean())
+    return {"step": int(step), "factor": factor, "kl": float(kl.detach().double().sum()) / len(kl), "values": points}
 
 
 @attrs.define
 class _Probe(Callback):
-    """Measures every constraint (in kappa's units) and the KL on fixed validation examples every
-    ``every`` steps; keeps the points in ``points`` and in ``probe.jsonl``."""
+    """``geco find-kappa``'s probe: measures every constraint (in kappa's units) and the KL on fixed
+    validation examples every ``every`` steps (:func:`probe_point`); keeps the points in
+    ``points`` and in ``probe.jsonl``."""
 
     every: int
     points: list[dict[str, Any]] = attrs.field(factory=list)
@@ -110,20 +150,10 @@ class _Probe(Callback):
             return
         exp = trainer.exp
         index = torch.arange(min(PROBE_EXAMPLES, len(exp.validation)))
-        kl = torch.zeros((), dtype=torch.float64, device=exp.device)
-
-        def add_kl(batch, out) -> None:
-            kl.add_(out.kl.double().sum())
-
+        kl = []
         with seeded(exp.device, exp.config.train.seed):  # the same draws at every probe
-            means = constraint_values(exp, exp.validation, index, on_batch=add_kl).mean(0)
-        values = {}
-        for (name, part), constraint in zip(exp.stack.split(means).items(), exp.stack.constraints):
-            mean = part.mean().reshape(1)  # a constraint of several components: their mean
-            reached = constraint.reached(mean)
-            values[name] = float(mean if reached is None else reached)
-        factor = float((exp.geco.lambdas / exp.geco.multiplier_scale).mean())
-        point = {"step": trainer.step, "factor": factor, "kl": float(kl) / len(index), "values": values}
+            values = constraint_values(exp, exp.validation, index, on_batch=lambda batch, out: kl.append(out.kl))
+        point = probe_point(exp.geco, trainer.step, values, torch.cat(kl))
         self.points.append(point)
         with open(trainer.run.path / "probe.jsonl", "a") as f:
             f.write(strict_json(point) + "\n")
@@ -238,16 +268,16 @@ def analyse(points: Sequence[dict[str, Any]], constraints: dict[str, dict], budg
     """Per constraint (:func:`describe`): the floor at ``budget``, the curve, the table and the
     suggestion (module docstring) from the probe ``points``."""
     out: dict[str, Any] = {}
+    last = max((p["step"] for p in points), default=0)
     for name, meta in constraints.items():
         direction = _tighter(meta)
         held = [(p["step"], p["values"][name]) for p in points if p["step"] <= hold_steps]
         ramp = [(p["values"][name], p["kl"]) for p in points if p["step"] > hold_steps]
         measured = min((p["values"][name] for p in points), key=lambda v: direction * -v, default=None)
-        fitted, fit = _power_law_floor([p for p in held if p[0] >= 0.5 * hold_steps], budget)  # well after the climb
-        floor = fitted if fitted is not None and direction * (fitted - measured) >= 0 else measured
+        floor, status, fit = _floor(held, measured, budget, last, hold_steps, direction, meta.get("perfect", 0.0))
         envelope = _envelope(ramp, direction) if ramp else []
         suggestion = _knee(envelope, meta.get("perfect", 0.0)) if envelope else None
-        kappas = _grid(floor, envelope, direction)
+        kappas = _grid(measured if floor is None else floor, envelope, direction)
         high = [p["kl"] for p in points if p["step"] <= hold_steps][-3:]
         out[name] = result = {
             "units": meta["units"],
@@ -255,6 +285,7 @@ def analyse(points: Sequence[dict[str, Any]], constraints: dict[str, dict], budg
             "direction": meta["direction"],
             "perfect": meta.get("perfect", 0.0),
             "floor": floor,
+            "floor_status": status,
             "floor_measured": measured,
             "fit": fit,
             "kl_at_high": sum(high) / len(high) if high else None,
@@ -265,13 +296,55 @@ def analyse(points: Sequence[dict[str, Any]], constraints: dict[str, dict], budg
     return out
 
 
+def _floor(held, measured, budget: int, steps: int, hold_steps: int, direction: int, perfect: float):
+    """The reachable floor at ``budget`` from the held part's points ``(step, value)`` and the best
+    value ``measured`` anywhere in a finder of ``steps``: ``(floor, status, fit)``. The learning
+    curve, fitted over the held part's second half (well after the climb), is extrapolated at most
+    :data:`REACH` times the held part's length and never past ``perfect`` ("extrapolated"); a
+    value measured at least as tight, or with no extrapolation a budget no longer than the finder,
+    gives the measured floor ("measured"); otherwise None ("cannot tell")."""
+    fitted, fit = None, {}
+    if budget <= REACH * hold_steps:
+        fitted, fit = _power_law_floor([p for p in held if p[0] >= 0.5 * hold_steps], budget)
+    if fitted is not None and direction * (fitted - perfect) > 0:
+        fitted = perfect
+    if fitted is not None and direction * (fitted - measured) > 0:
+        return fitted, "extrapolated", fit
+    if fitted is not None or budget <= steps:
+        return measured, "measured", fit
+    return None, "cannot tell", fit
+
+
 def _grid(floor: float | None, envelope: Sequence[tuple[float, float]], direction: int) -> list[float]:
-    """Ten kappa values from the floor to the loosest measured value, rounded to 3 digits."""
+    """Ten kappa values from the floor (to 4 digits) to the loosest measured value (3 digits), none
+    rounded past the floor."""
     if floor is None or not envelope:
         return []
     loose = envelope[0][0]
-    values = [floor + (loose - floor) * (i / 9) ** 1.5 for i in range(10)]
-    return sorted({float(f"{v:.3g}") for v in values}, key=lambda v: direction * v, reverse=True)
+    values = {float(f"{v:.3g}") for v in (floor + (loose - floor) * (i / 9) ** 1.5 for i in range(1, 10))}
+    first = float(f"{floor:.4g}")
+    if direction * (first - floor) > 0 and floor != 0:  # rounded past the floor: one unit of the 4th digit looser
+        first = float(f"{floor - direction * 10 ** (math.floor(math.log10(abs(floor))) - 3):.4g}")
+    return sorted(
+        {first, *(v for v in values if direction * (v - first) < 0)}, key=lambda v: direction * v, reverse=True
+    )
+
+
+def ramp_options(steps: int) -> dict[str, float]:
+    """The finder's ramp (:class:`~geco_core.controllers.Ramp`) for ``steps`` steps: it climbs at
+    :data:`RATE` per step in log lambda, or faster where the climb from :data:`START` to
+    :data:`HIGH` would take more than :data:`CLIMB` of the steps."""
+    if steps < MIN_STEPS:
+        raise ConfigError(f"the kappa finder needs at least {MIN_STEPS} steps, got {steps}")
+    rate = max(RATE, math.log(HIGH / START) / (CLIMB * steps))
+    return {"steps": steps, "start": START, "rate": rate, "high": HIGH, "hold": HOLD, "low": LOW}
+
+
+def default_steps(budget: int) -> int:
+    """The finder's default length for runs of ``budget`` steps: :data:`FINDER_STEPS`, longer where
+    its floor would have to reach further than :data:`REACH` times its held part, never longer
+    than the budget."""
+    return min(budget, max(FINDER_STEPS, math.ceil(budget / (REACH * HOLD))))
 
 
 def find_kappa(
@@ -281,11 +354,10 @@ def find_kappa(
     overrides: Sequence[str] = (),
     steps: int | None = None,
     run_dir: str | Path | None = None,
-) -> dict[str, Any]:
+) -> KappaResult:
     """Run the finder for a config (file or :class:`Config`) and return its result (also
     ``kappa.json`` in its folder): per constraint the floor, the table kappa -> predicted KL, the
-    curve and the suggested kappa. ``steps``: the finder's length (default the budget
-    ``train.steps``, at most :data:`FINDER_STEPS`)."""
+    curve and the suggested kappa. ``steps``: the finder's length (default :func:`default_steps`)."""
     if config is None:
         if config_path is None:
             raise ConfigError("find-kappa needs a config file or a Config")
@@ -293,10 +365,8 @@ def find_kappa(
     if not config.constraints or "controller" not in config.objective.options:
         raise ConfigError("find-kappa needs a GECO objective with at least one [[constraints]] table")
     budget = config.train.steps
-    n = steps if steps is not None else min(budget, FINDER_STEPS)
-    if n < 20:
-        raise ConfigError(f"--steps must be at least 20, got {n}")
-    ramp = {"name": "ramp", "steps": n, "high": HIGH, "hold": HOLD, "low": LOW}
+    n = steps if steps is not None else default_steps(budget)
+    ramp = {"name": "ramp", **ramp_options(n)}
     finder = attrs.evolve(
         config,
         objective=attrs.evolve(config.objective, options={**config.objective.options, "controller": ramp}),
@@ -314,43 +384,153 @@ def find_kappa(
     if run_dir is None:
         run_dir = Run.create(finder, None, name=name).path
     folder = Path(train(config=finder, run_dir=run_dir, extra_callbacks=[probe]))
-    return _write(folder, config, probe, budget, int(HOLD * n))
+    return _result(probe.points, probe.stack, budget, int(HOLD * n), config, folder)
 
 
-def _write(folder: Path, config: Config, probe: _Probe, budget: int, hold: int) -> dict[str, Any]:
-    points = probe.points
-    result = {
-        "folder": str(folder),
-        "config_fingerprint": fingerprint(config),
-        "budget": budget,
-        "finder_steps": points[-1]["step"] if points else 0,
-        "hold_steps": hold,
-        "knee": KNEE,
-        "constraints": analyse(points, describe(probe.stack), budget, hold),
-        "points": points,
-    }
-    write_atomic(folder / "kappa.json", lambda f: f.write(strict_json(result, indent=1).encode()))
-    write_atomic(folder / "kappa.md", lambda f: f.write(format_result(result).encode()))
-    plot_result(result, folder / "kappa.png")
+def _result(points, stack, budget: int, hold: int, config: Config | None, folder) -> KappaResult:
+    result = KappaResult(
+        folder=None if folder is None else str(folder),
+        config_fingerprint=None if config is None else fingerprint(config),
+        settings=None if config is None else settings(config),
+        budget=budget,
+        finder_steps=points[-1]["step"] if points else 0,
+        hold_steps=hold,
+        knee=KNEE,
+        constraints=analyse(points, describe(stack), budget, hold),
+        points=points,
+    )
+    if folder is not None:
+        result.save(folder)
     return result
+
+
+class KappaResult(dict):
+    """A finder's result, as ``kappa.json`` holds it (a dict: ``constraints`` maps each constraint's
+    name to its floor, curve, table and suggestion), with what a user asks of it."""
+
+    def constraint(self, name: str | None = None) -> dict[str, Any]:
+        """One constraint's part: ``name``, or the first constraint's."""
+        parts = self["constraints"]
+        if name is None:
+            return next(iter(parts.values()))
+        if name not in parts:
+            raise KeyError(f"no constraint {name!r} in this finder's result (it has {', '.join(parts)})")
+        return parts[name]
+
+    def predict_kl(self, kappa: float, constraint: str | None = None) -> float | None:
+        """The KL (nats) a GECO run at ``kappa`` is predicted to pay (:func:`predict_kl`)."""
+        return predict_kl(self.constraint(constraint), kappa)
+
+    def suggestion(self, constraint: str | None = None) -> float | None:
+        """The suggested kappa, the knee (module docstring)."""
+        return self.constraint(constraint)["suggested_kappa"]
+
+    def table(self) -> str:
+        """What ``geco find-kappa`` prints (:func:`format_result`)."""
+        return format_result(self)
+
+    def plot(self, path: str | Path) -> Path:
+        """The finder's figure (:func:`plot_result`) as ``path``."""
+        return plot_result(self, Path(path))
+
+    def save(self, folder: str | Path) -> Path:
+        """``kappa.json``, ``kappa.md`` and ``kappa.png`` in ``folder``; returns it."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / "kappa.json", lambda f: f.write(strict_json(dict(self), indent=1).encode()))
+        write_atomic(folder / "kappa.md", lambda f: f.write(self.table().encode()))
+        self.plot(folder / "kappa.png")
+        return folder
+
+
+class KappaFinder:
+    """The finder in your own loop: the ramp as GECO's controller while the finder is entered, and a
+    probe you feed the validation examples' constraint values and KL::
+
+        finder = KappaFinder(geco, steps=2000, budget=5000)
+        with finder:  # geco follows the ramp; its state and controller come back on exit
+            for step in range(1, finder.steps + 1):
+                ...  # one training step: loss = geco(kl, batch); loss.backward(); optimizer.step()
+                if finder.due(step):
+                    finder.probe(step, values, kl)  # geco.evaluate on validation batches, in eval mode
+        result = finder.result()  # floor, table, suggestion, plot: as geco find-kappa gives them
+
+    ``steps``: the finder's length (the ramp's schedule counts GECO's updates); ``budget``: the
+    length of the GECO run the predictions are for (default ``steps``); ``config``: a
+    :class:`~geco_core.training.Config` whose fingerprint and settings the result carries, for
+    ``geco train``'s warning. The model's weights are yours: start the GECO run from fresh ones."""
+
+    def __init__(self, geco, steps: int = FINDER_STEPS, budget: int | None = None, config: Config | None = None):
+        self.geco, self.steps, self.budget = geco, int(steps), int(budget or steps)
+        self.ramp = build_controller({"name": "ramp", **ramp_options(self.steps)})
+        self.every = max(self.steps // PROBES, 1)
+        self.points: list[dict[str, Any]] = []
+        self.config = config
+        self._saved: tuple | None = None
+
+    def __enter__(self) -> KappaFinder:
+        geco = self.geco
+        self._saved = (geco.controller, geco.may_jump, copy.deepcopy(geco.state_dict()))
+        with torch.no_grad():
+            geco.controller = self.ramp.to(geco.log_lambdas.device)
+            start = self.ramp.initial_log_lambdas(geco.log_lambdas, geco.multiplier_scale)
+            geco.log_lambdas.copy_(start.clamp(geco.log_lambda_min, geco.log_lambda_max))
+            for buffer in (geco.step, geco.c_ma, geco.gap, geco.validated):
+                buffer.zero_()
+        self.ramp.setup(geco.log_lambdas)
+        geco.may_jump = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        controller, may_jump, state = self._saved
+        self.geco.controller, self.geco.may_jump = controller, may_jump
+        self.geco.load_state_dict(state)
+
+    def due(self, step: int) -> bool:
+        """Whether to probe after training step ``step`` (1-based)."""
+        return step % self.every == 0 or step == self.steps
+
+    def probe(self, step: int, values: torch.Tensor, kl: torch.Tensor) -> dict[str, Any]:
+        """Record the validation examples' constraint values ``(n, L)`` and KL ``(n,)`` (nats) after
+        training step ``step``; the same examples (and posterior draws, where you can) each time."""
+        point = probe_point(self.geco, step, values, kl)
+        self.points.append(point)
+        return point
+
+    def result(self, folder: str | Path | None = None) -> KappaResult:
+        """The analysis of the points so far (:func:`analyse`); also saved in ``folder`` if given."""
+        return _result(self.points, self.geco.stack, self.budget, int(HOLD * self.steps), self.config, folder)
 
 
 def format_result(result: dict[str, Any]) -> str:
     """What ``geco find-kappa`` prints: per constraint, the floor, the suggestion, the table."""
-    lines = [f"kappa finder: {result['finder_steps']} steps, predictions for runs of {result['budget']} steps"]
+    lines = [f"kappa finder: {result['finder_steps']} steps; the floor is for runs of {result['budget']} steps"]
     for name, c in result["constraints"].items():
         lines += [
             "",
             f"{name} ({c['units']}; {c['direction']}; configured kappa {c['kappa']:g})",
-            f"  reachable floor at {result['budget']} steps: {_num(c['floor'])} (measured {_num(c['floor_measured'])})",
+            f"  reachable floor at {result['budget']} steps: {_floor_text(result, c)}",
             f"  suggested kappa (knee: 1% tighter costs more than {result['knee']:.0%} more KL): "
             f"{_num(c['suggested_kappa'])}",
             "",
+            f"  predicted KL: what the finder's way down paid at each kappa (a model trained {result['finder_steps']} "
+            "steps; docs/kappa.md says how far to trust it)",
             "  | kappa | predicted KL (nats) |",
             "  |---|---|",
         ]
         lines += [f"  | {row['kappa']:g} | {_num(row['predicted_kl'], '.1f')} |" for row in c["table"]]
     return "\n".join(lines) + "\n"
+
+
+def _floor_text(result: dict[str, Any], c: dict[str, Any]) -> str:
+    status = c.get("floor_status", "extrapolated")
+    if status == "cannot tell":
+        return (
+            f"cannot tell at this length (the finder extrapolates at most {REACH}x its {result['hold_steps']} held "
+            f"steps: run it with --steps {math.ceil(result['budget'] / (REACH * HOLD))} or more); best measured "
+            f"{_num(c['floor_measured'])}"
+        )
+    return f"{_num(c['floor'])} ({status}; best measured {_num(c['floor_measured'])})"
 
 
 def _num(value: float | None, spec: str = ".4g") -> str:
@@ -428,16 +608,25 @@ def _kappa_of(spec) -> float | None:
 
 
 def below_floor(config: Config) -> list[str]:
-    """One line per constraint whose kappa is tighter than a finder's reachable floor for this config."""
+    """One line per constraint whose kappa is tighter than a finder's reachable floor for this
+    config (same data, model and constraint stack); each says where the finder ran with other
+    optimiser settings."""
     result = finder_result(config)
     if result is None or config.train.steps > result["budget"]:  # a longer run may reach further
         return []
+    theirs, ours = result.get("settings") or {}, settings(config)
+    differ = [
+        f"{k} {theirs.get(k)!r} (here {ours.get(k)!r})"
+        for k in sorted({*theirs, *ours})
+        if theirs.get(k) != ours.get(k)
+    ]
+    note = f"; the finder ran with other settings: {', '.join(differ)}" if differ else ""
     lines = []
     for spec, (name, c) in zip(config.constraints, result["constraints"].items()):
         kappa, floor = _kappa_of(spec), c.get("floor")
         if kappa is not None and floor is not None and _tighter(c) * (kappa - floor) > 0:
             lines.append(
                 f"{name}: kappa {kappa:g} is tighter than the reachable floor {floor:.4g} at {result['budget']} "
-                f"steps found by geco find-kappa (suggested {_num(c['suggested_kappa'])})"
+                f"steps found by geco find-kappa (suggested {_num(c['suggested_kappa'])}){note}"
             )
     return lines

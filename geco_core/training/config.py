@@ -31,9 +31,9 @@ from cattrs.errors import IterableValidationNote as IndexNote
 from cattrs.gen import make_dict_structure_fn
 
 from geco_core.errors import ConfigError
-from geco_core.plugins import Entry, registry
+from geco_core.plugins import CORE_VERSION, Entry, registry
 from geco_core.training.overrides import apply_override
-from geco_core.training.upgrade import upgrade_resolved
+from geco_core.training.upgrade import upgrade_resolved, written_by
 
 __all__ = [
     "Config",
@@ -195,6 +195,14 @@ class Config:
         out["objective"] = {"name": objective.name, **{name: _plain(t) for name, t in tables.items()}}
         out["constraints"] = [table(c) for c in self.constraints]
         return out
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML (a run folder's ``config.toml``, ``geco train
+        --print-config``): every default written out, the first line naming the geco that wrote it."""
+        import tomli_w
+
+        header = f"# geco {CORE_VERSION}: the resolved config, every default written out\n"
+        return header + tomli_w.dumps(self.to_dict())
 
     def _check_registered(self) -> Config:
         constrained = getattr(_entry("objective", "objective", self.objective.name).factory, "constrained", False)
@@ -397,10 +405,12 @@ def _describe(annotation: Any) -> str:
 
 def load_config(path: str | Path, overrides: Sequence[str] = (), resolved: bool = False) -> Config:
     """Read a TOML config, apply ``section.key=value`` overrides, and check it. ``resolved``: the
-    file is a run folder's resolved config, possibly written by geco 0.1.0 (upgraded on reading)."""
+    file is a run folder's resolved config, possibly written by an earlier geco (upgraded on reading,
+    :mod:`~geco_core.training.upgrade`)."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except IsADirectoryError:
@@ -412,7 +422,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), resolved: bool 
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     if resolved:
-        data = upgrade_resolved(data)
+        data = upgrade_resolved(data, written_by(text))
     for override in overrides:
         apply_override(data, override)
     return Config.from_dict(data)

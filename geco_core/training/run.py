@@ -188,9 +188,7 @@ class Run:
 
     def save_config(self, config: Config) -> None:
         """Write the resolved ``config`` as ``config.toml`` (atomically)."""
-        import tomli_w
-
-        text = tomli_w.dumps(config.to_dict()).encode()
+        text = config.to_toml().encode()
         write_atomic(self.path / "config.toml", lambda f: f.write(text))
         self.config = config
 

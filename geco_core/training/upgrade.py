@@ -1,7 +1,9 @@
 """Run folders written by earlier versions: their resolved config, as this version reads it, so
-that they resume exactly as they were trained.
+that they resume exactly as they were trained. Since 0.4.0 a run folder's ``config.toml`` names the
+version that wrote it in its first line (:func:`written_by`); one written by 0.4.0 or later needs
+nothing, and earlier ones (which name none) are recognised by their contents (CHANGELOG.md):
 
-* Before validation existed (no ``train.validation``): no validation split (``validation = 0``),
+* 0.2.0, before validation existed (no ``train.validation``): no validation split (``validation = 0``),
   and the controllers' ``margin`` keeps its old default 0.02.
 * geco 0.1.0 also wrote every objective's options into one ``[objective]`` table and had no
   multiplier controllers: its options go to the tables of the objectives that take them, and its
@@ -11,9 +13,20 @@ that they resume exactly as they were trained.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-__all__ = ["upgrade_resolved"]
+__all__ = ["upgrade_resolved", "written_by", "CURRENT_FORMAT"]
+
+#: the first version whose run folders this version reads as they are
+CURRENT_FORMAT = (0, 4, 0)
+
+
+def written_by(text: str) -> tuple[int, ...] | None:
+    """The version a resolved config's first line names (``# geco 0.4.0: ...``), None where it names none."""
+    match = re.match(r"# geco (\d+)\.(\d+)\.(\d+)", text)
+    return tuple(int(g) for g in match.groups()) if match else None
+
 
 #: options that geco 0.1.0 wrote into [objective] for every objective, and which objectives take them
 LEGACY_OPTIONS = {
@@ -31,11 +44,12 @@ LEGACY_OPTIONS = {
 MARGIN_CONTROLLERS = ("scaled", "restart", "nupi", "normalised")
 
 
-def upgrade_resolved(data: dict[str, Any]) -> dict[str, Any]:
-    """A run folder's config document as this version writes it (module docstring); a document of
-    this version is returned as it is."""
+def upgrade_resolved(data: dict[str, Any], version: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """A run folder's config document, written by ``version`` (None: before 0.4.0, which did not
+    say), as this version writes it (module docstring); one of :data:`CURRENT_FORMAT` or later is
+    returned as it is."""
     objective = data.get("objective")
-    if not isinstance(objective, dict):
+    if (version is not None and version >= CURRENT_FORMAT) or not isinstance(objective, dict):
         return data
     train = data.setdefault("train", {})
     if isinstance(train, dict) and "validation" not in train:  # trained before validation existed

@@ -17,7 +17,7 @@ import torch
 
 from geco_core import GECO, Batch, create_constraint
 from geco_core.models import MLPVAE
-from geco_lightning import GecoCallback, L
+from geco_lightning import KL, VALUES, GecoCallback, L
 
 SHAPE = (1, 8, 8)
 
@@ -31,13 +31,24 @@ class LitVAE(L.LightningModule):
         self.model = MLPVAE(SHAPE, latent_dim=4, hidden=(32,))
         self.geco = GECO([create_constraint(constraint, kappa=kappa, image_shape=SHAPE)], alpha=0.9)
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
+    def forward(self, x):
+        """Per-example KL (nats) and the reconstruction mean."""
         q = self.model.posterior(x)
         z = q.rsample() if self.hparams.sample else q.mu
-        x_hat = torch.sigmoid(self.model.decoder(z))
-        loss = self.geco(q.kl_standard_normal(), Batch(x=x, x_hat=x_hat, labels=y))
+        return q.kl_standard_normal(), torch.sigmoid(self.model.decoder(z))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        kl, x_hat = self(x)
+        loss = self.geco(kl, Batch(x=x, x_hat=x_hat, labels=y))
         return loss if torch.isfinite(loss) else None  # None: Lightning skips the optimiser step
+
+    def validation_step(self, batch, batch_idx):
+        """The constraint values and KL of held-out examples: GecoCallback's held-out kappa and
+        find_kappa's probe read them."""
+        x, y = batch
+        kl, x_hat = self(x)
+        return {VALUES: self.geco.evaluate(Batch(x=x, x_hat=x_hat, labels=y)), KL: kl}
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.model.parameters(), lr=self.hparams.lr)
