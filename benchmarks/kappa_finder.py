@@ -23,6 +23,11 @@ With ``--lengths 300 1000 2000``: the finder at each length on each of ``LENGTH_
 RE, pNCC and SSIM configs as shipped, and Fashion-MNIST, which no config ships), its floor at each
 of ``--budgets`` against the longest finder's, and whether it says "cannot tell" instead
 (``OUT/lengths/``, ``OUT/kappa_lengths.md``).
+
+With ``--intervals``: on each of ``LENGTH_CELLS``, the 2000-step finder of ``--lengths``'s folder and
+a GECO run (the config as shipped, 2000 steps) at kappa = the floor + each of ``SLACKS`` times the
+knee's distance to it; each GECO run's held-out KL against the predicted KL and its interval, by
+where the prediction comes from (``OUT/intervals/``, ``OUT/kappa_intervals.md``).
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ LENGTH_CELLS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mnist-geco-pncc": ("mnist-geco-pncc.toml", ()),
     "mnist-geco-ssim": ("mnist-geco-ssim.toml", ()),
 }
+#: the intervals benchmark's kappa: the floor + factor * (knee - floor), tight to loose
+SLACKS = (0.5, 1.0, 1.5, 2.5, 4.0)
 #: fixed lambda = factor * natural scale: the multiplier benchmark's frontier and a high one
 FIXED = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
 
@@ -179,6 +186,64 @@ def run_length(out: str, cell: str, steps: int) -> None:
     find_kappa(REPO / "configs" / path, overrides=[*settings, *overrides], steps=steps, run_dir=folder)
 
 
+def interval_kappas(out: str, cell: str) -> list[float]:
+    from geco_core.evaluation.kappa import analyse
+
+    r = json.loads((Path(out) / "lengths" / f"{cell}-2000" / "kappa.json").read_text())
+    meta = {k: {m: c[m] for m in ("units", "kappa", "direction", "perfect")} for k, c in r["constraints"].items()}
+    (c,) = analyse(r["points"], meta, 2000, r["hold_steps"]).values()
+    floor, knee = c["floor"], c["suggested_kappa"]
+    return [float(f"{floor + f * (knee - floor):.4g}") for f in SLACKS]
+
+
+def run_interval(out: str, cell: str, kappa: float) -> dict[str, Any]:
+    """One GECO run of a length cell's config at ``kappa`` (2000 steps, as shipped otherwise); cached."""
+    import torch
+
+    torch.set_num_threads(1)
+    from geco_core.training import Run, train
+
+    folder = Path(out) / "intervals" / f"{cell}-k{kappa:g}"
+    if not (folder / "summary.json").is_file():
+        path, overrides = LENGTH_CELLS[cell]
+        sets = ["train.steps=2000", f"constraints.0.kappa={kappa}", "logging.progress=false", "logging.plots=false",
+                "logging.tensorboard=false", "logging.eval_examples=2000", *overrides]  # fmt: skip
+        train(REPO / "configs" / path, overrides=sets, run_dir=folder)
+    summary = Run.open(folder).read_summary()
+    first = summary["constraints"][0]
+    return {"cell": cell, "kappa": kappa, "kl": summary["heldout"]["kl"], "heldout": first["heldout_reached"]}
+
+
+def intervals_report(out: Path) -> str:
+    from geco_core.evaluation.kappa import analyse, predict
+
+    lines = ["| cell | κ | GECO held-out | GECO KL | predicted KL | from | interval | GECO / predicted | inside |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for cell in LENGTH_CELLS:
+        path = out / "lengths" / f"{cell}-2000" / "kappa.json"
+        if not path.is_file():
+            continue
+        r = json.loads(path.read_text())
+        meta = {k: {m: c[m] for m in ("units", "kappa", "direction", "perfect")} for k, c in r["constraints"].items()}
+        (c,) = analyse(r["points"], meta, 2000, r["hold_steps"]).values()
+        for folder in sorted((out / "intervals").glob(f"{cell}-k*")):
+            if not (folder / "bench.json").is_file():
+                continue
+            g = json.loads((folder / "bench.json").read_text())
+            p = predict(c, g["kappa"])
+            if p.kl is None:
+                lines.append(
+                    f"| {cell} | {g['kappa']:g} | {g['heldout']:.4f} | {g['kl']:.1f} | - | {p.where} | - | - | - |"
+                )
+                continue
+            inside = p.low <= g["kl"] <= p.high
+            lines.append(
+                f"| {cell} | {g['kappa']:g} | {g['heldout']:.4f} | {g['kl']:.1f} | {p.kl:.1f} | {p.where} | "
+                f"{p.low:.1f}–{p.high:.1f} | {g['kl'] / p.kl:.2f} | {'yes' if inside else '**no**'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def lengths_report(out: Path, lengths: list[int], budgets: list[int]) -> str:
     """Per cell and budget: each finder's floor (re-analysed at the budget) against the longest's."""
     from geco_core.evaluation.kappa import analyse
@@ -231,7 +296,23 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1)))
     parser.add_argument("--lengths", type=int, nargs="+", help="the finder-length benchmark instead (module docstring)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[1000, 2000, 3000, 5000])
+    parser.add_argument("--intervals", action="store_true", help="the intervals benchmark instead (module docstring)")
     args = parser.parse_args()
+    if args.intervals:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            jobs = [pool.submit(run_length, args.out, cell, 2000) for cell in LENGTH_CELLS]
+            for job in jobs:
+                job.result()
+            cells = [(cell, k) for cell in LENGTH_CELLS for k in interval_kappas(args.out, cell)]
+            jobs = [pool.submit(run_interval, args.out, cell, k) for cell, k in cells]
+            for (cell, k), job in zip(cells, jobs):
+                row = job.result()
+                (Path(args.out) / "intervals" / f"{cell}-k{k:g}" / "bench.json").write_text(json.dumps(row))
+                print("done:", cell, k, flush=True)
+        text = intervals_report(Path(args.out))
+        (Path(args.out) / "kappa_intervals.md").write_text(text)
+        print(text)
+        return
     if args.lengths:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             jobs = [pool.submit(run_length, args.out, cell, n) for n in args.lengths for cell in LENGTH_CELLS]

@@ -4,6 +4,7 @@ that diverges prints its summary, then one line, and exits with 3."""
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import sys
@@ -214,12 +215,25 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Help that ends each option with its default, where it has one worth saying (not None,
+    False or empty) and the help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        worth = not (default is None or default is False or default == [] or default == argparse.SUPPRESS)
+        shown = worth and "default" not in text
+        return f"{text} (default: %(default)s)" if shown and action.option_strings else text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="geco", description="Train VAEs with GECO: constraints in data space, KL minimised."
     )
     parser.add_argument("--version", action="version", version=f"geco {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=_ShowDefaults)
     for kind in HOOKS:
         p = sub.add_parser(f"{kind}s", help=f"list the installed {kind}s and where they come from")
         p.set_defaults(run=lambda args, kind=kind: _list(kind))
@@ -284,7 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said with the usage of the command they were given to
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         code = args.run(args)
     except GecoError as exc:

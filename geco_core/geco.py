@@ -196,7 +196,8 @@ class GECO(nn.Module):
         In training mode this updates ``c_ma`` and ``log_lambdas`` (the loss uses lambda from before
         the update). In eval mode it uses ``c_hat`` in place of ``C`` and changes nothing. A batch
         whose constraint values are not finite changes no multiplier and gives a non-finite loss:
-        skip the optimiser step on it (``if not torch.isfinite(loss)``), as the trainer does."""
+        skip the optimiser step on it (:func:`~geco_core.optim.step_if_finite`, which the trainer
+        uses too, decides on the device; ``if torch.isfinite(loss)`` does it with a host sync)."""
         if values.ndim != 2 or values.shape[1] != self.num_components:
             raise ValueError(
                 f"constraint values must have shape (batch, {self.num_components}), got {tuple(values.shape)}"

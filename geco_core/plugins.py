@@ -108,9 +108,14 @@ class Registry:
     failures: list[PluginFailure] = attrs.field(factory=list)
 
     def get(self, kind: str, name: str) -> Entry:
-        """The entry called ``name``; a ConfigError listing what is installed if there is none."""
+        """The entry called ``name``, or for ``module:attribute`` that object imported (your own
+        model, constraint or data set, without a plugin); a ConfigError listing what is installed
+        if there is none."""
         found = self.entries[kind]
         if name in found:
+            return found[name]
+        if ":" in name:
+            found[name] = _imported(kind, name)
             return found[name]
         installed = ", ".join(f"{e.name} ({e.distribution})" for e in found.values()) or "none"
         broken = "; ".join(map(str, self.failures))
@@ -119,6 +124,20 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         """The registered names of ``kind``, sorted."""
         return sorted(self.entries[kind])
+
+
+def _imported(kind: str, path: str) -> Entry:
+    """The ``kind`` at ``module:attribute`` as an entry; a ConfigError naming what is missing."""
+    module_name, _, attribute = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{kind} {path!r}: cannot import {module_name!r} ({exc})") from None
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ConfigError(f"{kind} {path!r}: module {module_name!r} has no class or function {attribute!r}")
+    doc = (inspect.getdoc(factory) or "").split("\n")[0]
+    return Entry(kind, path, factory, module_name, "(import path)", "", doc)
 
 
 @functools.cache

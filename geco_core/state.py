@@ -43,13 +43,14 @@ def key(component: str, field: str) -> str:
 
 
 def component_status(
-    c_ma: float, reached: float | None, kappa: float, unreachable: bool = False, finite: bool = True
+    target: float, reached: float | None, kappa: float, unreachable: bool = False, finite: bool = True
 ) -> str:
-    """A component's status from its moving average, the value it reached and its kappa (module
-    docstring); ``finite``: whether the last batch's value was."""
+    """A component's status from its target (the moving average plus the generalisation gap, what
+    the controller drives to <= 0), the value it reached and its kappa (module docstring);
+    ``finite``: whether the last batch's value was."""
     if not finite:
         return "diverged"
-    if c_ma <= 0:
+    if target <= 0:
         return "met"
     if reached is not None and kappa and abs(reached - kappa) <= AT_BOUND * abs(kappa):
         return "at bound"

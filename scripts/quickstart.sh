@@ -3,5 +3,5 @@
 # the summary (target kappa vs reached RMSE, KL, final lambda) with the paths of the plots.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh quick
 exec .venv/bin/geco train configs/quickstart.toml "$@"

@@ -4,8 +4,11 @@ imports torchvision or timm until something that needs them is built."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+import textwrap
 
-from helpers import REPO
+from helpers import REPO, needs_plugins
 
 PACKAGE = REPO / "geco_core"
 
@@ -73,6 +76,69 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     for start in sorted(graph):
         visit(start, [start])
     return found
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that runs up a floor, or across to a sibling part of the same floor above 0 (the
+    package itself, ``geco_core``, is the algorithm floor's public API: any floor may use it)."""
+    found = []
+    for me, targets in sorted(graph.items()):
+        my_floor, my_part = floor_of(me)
+        for target in sorted(targets):
+            if target == "geco_core" and my_floor > 0:
+                continue
+            floor, part = floor_of(target)
+            if floor > my_floor or (floor == my_floor and part != my_part and my_floor > 0):
+                found.append(f"{me} (floor {my_floor}) imports {target} (floor {floor})")
+    return found
+
+
+def test_no_import_runs_up_a_floor_and_siblings_stay_apart():
+    violations = upward_imports(import_graph())
+    assert not violations, "\n".join(violations)
+
+
+def test_the_floor_check_would_catch_a_planted_upward_or_sideways_import(tmp_path):
+    for part in ("training", "models", "data"):
+        (tmp_path / "geco_core" / part).mkdir(parents=True)
+        (tmp_path / "geco_core" / part / "__init__.py").write_text("")
+    (tmp_path / "geco_core" / "__init__.py").write_text("")
+    (tmp_path / "geco_core" / "geco.py").write_text("def f():\n    from geco_core.training import loop\n")
+    (tmp_path / "geco_core" / "training" / "loop.py").write_text("import geco_core.geco\n")  # down: fine
+    (tmp_path / "geco_core" / "models" / "vae.py").write_text("from geco_core.data import base\n")  # sideways
+    (tmp_path / "geco_core" / "data" / "base.py").write_text("")
+    assert upward_imports(import_graph(tmp_path)) == [
+        "geco_core.geco (floor 0) imports geco_core.training.loop (floor 2)",
+        "geco_core.models.vae (floor 1) imports geco_core.data.base (floor 1)",
+    ]
+
+
+def _modules_after(code: str) -> set[str]:
+    """The top-level modules loaded after running ``code`` in a fresh interpreter."""
+    script = textwrap.dedent(code) + "\nimport sys\nprint(' '.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_the_algorithm_layer_imports_no_training_evaluation_or_vision_code():
+    loaded = _modules_after("from geco_core import GECO, Batch, create_constraint")
+    assert not loaded & {"torchvision", "timm", "matplotlib", "tensorboard"}
+    script = "import geco_core, sys; print(sorted(m for m in sys.modules if m.startswith('geco_core.')))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "geco_core.training" not in out and "geco_core.evaluation" not in out
+
+
+@needs_plugins
+def test_building_re_and_listing_constraints_pay_no_torchvision_import():
+    assert "torchvision" not in _modules_after(
+        "from geco_core import create_constraint; create_constraint('re', kappa=0.1)"
+    )
+    listed = _modules_after("from geco_core.cli import main; main(['constraints'])")
+    assert not listed & {"torchvision", "timm"}
+    # FRE loads them when it is built, and not before
+    assert {"torchvision", "timm"} <= _modules_after(
+        "from geco_core import create_constraint; create_constraint('fre', kappa=0.4)"
+    )
 
 
 def test_no_import_circles_at_all_type_only_and_function_level_imports_included():

@@ -70,6 +70,30 @@ def test_print_config_shows_the_resolved_config_with_every_default_and_trains_no
     assert not (tmp_path / "runs").exists()
 
 
+def test_every_help_shows_the_defaults_and_a_wrong_option_is_told_with_its_commands_usage():
+    import argparse
+    import contextlib
+    import io
+
+    from geco_core.cli import build_parser, main
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in commands.items():
+        text = sub.format_help()
+        for action in sub._actions:
+            default = action.default
+            said = isinstance(default, int | float | str) and default is not False and default != argparse.SUPPRESS
+            if action.option_strings and said:
+                assert f"default: {default}" in " ".join(text.split()), (name, action.dest)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+        main(["train", "x.toml", "--bogus"])
+    lines = err.getvalue().splitlines()
+    assert exit_.value.code == 2 and lines[0].startswith("usage: geco train")
+    assert lines[-1] == "geco train: error: unrecognized arguments: --bogus"
+
+
 def test_missing_data_files_are_a_user_error_naming_the_files(tmp_path, geco_cli):
     doc = {**TINY, "data": {"name": "mnist", "root": str(tmp_path / "empty"), "download": False}}
     out = geco_cli("train", write_config(tmp_path, doc), "--run-dir", tmp_path / "run")

@@ -34,7 +34,7 @@ def test_the_site_builds_strictly(tmp_path):
 def test_every_python_block_of_the_docs_is_run_by_a_test():
     """A block is run by one of the tests below: the own loop, the callback, the plugin."""
     markers = ("for x, y in loader", "class PrintLambda(Callback)", "geco_register_constraints", "ConstraintContract",
-               "finder = KappaFinder(")  # fmt: skip
+               "finder = KappaFinder(", "class TinyVAE(VAE)")  # fmt: skip
     for block in python_blocks():
         assert any(m in block for m in markers), block[:200]
 
@@ -81,6 +81,52 @@ def test_the_own_loop_finder_example_runs_and_gives_the_commands_result(tmp_path
     assert "reachable floor at 200 steps" in result.table() and (tmp_path / "kappa.png").stat().st_size > 5000
     assert geco.controller.name == "restart"
     assert all(torch.equal(v, geco.state_dict()[k]) for k, v in before.items())
+
+
+def test_your_model_by_import_path_trains_and_a_broken_one_is_told_in_one_line(tmp_path, monkeypatch):
+    """The TinyVAE block of docs/models.md, as mymodels.py: geco train builds it from its import
+    path with the table's options and trains; a missing module, a missing class, a class that is
+    no nn.Module and one whose forward returns the wrong thing each stop the build with one line."""
+    from test_training import TINY, config
+
+    from geco_core import ConfigError
+    from geco_core.plugins import registry
+    from geco_core.training import Config, Run, build, train
+
+    (block,) = [b for b in python_blocks() if "class TinyVAE(VAE)" in b]
+    bad = """
+class NotAModule:
+    def __init__(self, image_shape):
+        pass
+
+class WrongOutput(TinyVAE):
+    def forward(self, x, context=None):
+        out = super().forward(x)
+        return out.logits.flatten(1), out.kl
+"""
+    (tmp_path / "mymodels.py").write_text(block + bad)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry.cache_clear()
+    run = train(config=config(model={"name": "mymodels:TinyVAE", "latent_dim": 3, "hidden": 16}),
+                run_dir=tmp_path / "run")  # fmt: skip
+    assert Run.open(run).read_summary()["steps"] == 20
+    import mymodels
+
+    model = build(config(model={"name": "mymodels:TinyVAE", "latent_dim": 3, "hidden": 16})).model
+    assert isinstance(model, mymodels.TinyVAE) and model.latent_dim == 3
+    cases = {
+        "nomodule_xyz:TinyVAE": "cannot import 'nomodule_xyz'",
+        "mymodels:Nope": "module 'mymodels' has no class or function 'Nope'",
+        "mymodels:NotAModule": "lacks subclass torch.nn.Module, forward, sample",
+        "mymodels:WrongOutput": "forward must return Output(logits (2, 3, 16, 16), kl (2,))",
+    }
+    for name, message in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)) as error:
+            only = Config.from_dict({**TINY, "model": {"name": name}})
+            train(config=only, run_dir=tmp_path / name.replace(":", "-"))
+        assert "\n" not in str(error.value) and not (tmp_path / name.replace(":", "-")).exists()
+    with pytest.raises(ConfigError, match="unknown key model.depth for model 'mymodels:TinyVAE'"):
+        Config.from_dict({**TINY, "model": {"name": "mymodels:TinyVAE", "depth": 3}})
 
 
 def test_the_callback_example_runs_and_its_callback_sees_every_record(tmp_path, monkeypatch, capsys):

@@ -79,7 +79,10 @@ def test_the_floor_is_never_looser_than_a_value_the_run_measured_nor_the_suggest
     and no suggestion or table entry lies beyond it."""
     held = [{"step": s, "values": {"re": 0.08 + 0.5 * s**-0.5}, "kl": 120.0} for s in range(50, 1001, 50)]
     down = [0.065 + 0.006 * i for i in range(20)]  # tight to loose while lambda falls
-    ramp = [{"step": 1000 + 50 * (i + 1), "values": {"re": v}, "kl": 100.0 * 0.8**i} for i, v in enumerate(down)]
+    ramp = [
+        {"step": 1000 + 50 * (i + 1), "values": {"re": v}, "kl": 100.0 * 0.8**i, "factor": 100 * 0.5**i}
+        for i, v in enumerate(down)
+    ]
     meta = {"re": {"units": "rmse", "kappa": 0.1, "direction": "lower is tighter", "perfect": 0.0}}
     (result,) = finder.analyse(held + ramp, meta, budget=2000, hold_steps=1000).values()
     extrapolated = 0.08 + 0.5 * 2000**-0.5
@@ -110,7 +113,10 @@ def test_a_floor_never_passes_perfect_and_is_not_extrapolated_beyond_what_the_fi
     within = finder.REACH * 150
     assert 0.4 * within**-0.3 - 0.06 < 0 < 0.4 * 150**-0.3 - 0.06
     held = [{"step": s, "values": {"re": 0.4 * s**-0.3 - 0.06}, "kl": 120.0} for s in steps]
-    down = [{"step": 150 + 10 * i, "values": {"re": 0.1 + 0.01 * i}, "kl": 100.0 * 0.8**i} for i in range(1, 16)]
+    down = [
+        {"step": 150 + 10 * i, "values": {"re": 0.1 + 0.01 * i}, "kl": 100.0 * 0.8**i, "factor": 100 * 0.5**i}
+        for i in range(1, 16)
+    ]
     meta = {"re": {"units": "rmse", "kappa": 0.1, "direction": "lower is tighter", "perfect": 0.0}}
     (near,) = finder.analyse(held + down, meta, budget=within, hold_steps=150).values()
     assert near["floor_status"] == "extrapolated" and near["floor"] == 0.0
@@ -147,12 +153,41 @@ def test_predictions_interpolate_log_linearly_and_say_what_lies_beyond_the_curve
         "direction": "lower is tighter",
         "floor": 0.06,
         "kl_at_high": 150.0,
-        "curve": [{"value": 0.2, "kl": 5.0}, {"value": 0.1, "kl": 20.0}, {"value": 0.07, "kl": 80.0}],
+        "curve": [
+            {"value": 0.2, "kl": 5.0, "factor": 0.01},
+            {"value": 0.1, "kl": 20.0, "factor": 1.0},
+            {"value": 0.07, "kl": 80.0, "factor": 10.0},
+        ],
     }
     assert finder.predict_kl(result, 0.15) == pytest.approx(math.exp((math.log(5) + math.log(20)) / 2))
     assert finder.predict_kl(result, 0.3) == 5.0  # looser than every point
     assert finder.predict_kl(result, 0.065) == 150.0  # between the curve and the floor: lambda held high
     assert finder.predict_kl(result, 0.05) is None  # out of reach
+    # where each comes from, and its interval: the benchmark's spread of GECO-run KL / predicted KL
+    middle = 0.1 + (0.07 - 0.1) / 2  # lambda sqrt(10) x the natural scale there, log-linearly
+    loose = 0.2 + (0.1 - 0.2) * 0.25  # 0.01^0.75 * 1^0.25 = 0.032: below LOOSE
+    assert finder.LOOSE > 0.01**0.75
+    for kappa, where in ((middle, "interpolated"), (loose, "loose end"), (0.3, "loose end"), (0.065, "held")):
+        p = finder.predict(result, kappa)
+        low, high = finder.INTERVALS[where]
+        assert p.where == where and p.low == pytest.approx(low * p.kl) and p.high == pytest.approx(high * p.kl)
+    assert finder.predict(result, 0.05) == finder.Prediction(None, "out of reach")
+
+
+def test_the_frugal_kappa_pays_half_the_knees_kl():
+    """KL = 1 + 0.02 v^-4: free at loose values, ever steeper as v tightens; the frugal kappa pays
+    half the knee's KL, at the v the closed form gives."""
+    values = [0.6 * 0.98**i for i in range(90)]  # loose to tight
+    kl = lambda v: 1 + 0.02 * v**-4.0  # noqa: E731
+    down = [{"step": 1001 + i, "values": {"re": v}, "kl": kl(v), "factor": 1.0} for i, v in enumerate(values)]
+    held = [{"step": s, "values": {"re": values[-1]}, "kl": 500.0, "factor": 100.0} for s in (500, 750, 1000)]
+    meta = {"re": {"units": "rmse", "kappa": 0.1, "direction": "lower is tighter", "perfect": 0.0}}
+    (c,) = finder.analyse(held + down, meta, budget=1000, hold_steps=1000).values()
+    knee, frugal = c["suggested_kappa"], c["frugal_kappa"]
+    assert values[-1] < knee < frugal < values[0]
+    half = 0.5 * finder.predict_kl(c, knee)
+    assert finder.predict_kl(c, frugal) == pytest.approx(half, rel=1e-6)
+    assert frugal == pytest.approx((0.02 / (half - 1)) ** 0.25, rel=1e-3)
 
 
 # --- the finder against a closed-form frontier ---------------------------------------------------

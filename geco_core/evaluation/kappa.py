@@ -194,37 +194,91 @@ def _power_law_floor(points: Sequence[tuple[float, float]], budget: float) -> tu
     return v_inf + a * budget ** (-b), {"v_inf": v_inf, "a": a, "b": b}
 
 
-def _envelope(points: Sequence[tuple[float, float]], direction: int) -> list[tuple[float, float]]:
-    """The lower envelope of (value, KL): for each value, the least KL of any point at least as
-    tight; sorted from loose to tight, KL rising."""
-    out: list[tuple[float, float]] = []
-    for value, kl in sorted(points, key=lambda p: direction * p[0], reverse=True):  # tightest first
-        if not out or kl < out[-1][1]:
-            out.append((value, kl))
+def _envelope(points: Sequence[tuple[float, ...]], direction: int) -> list[tuple[float, ...]]:
+    """The lower envelope of points ``(value, KL, ...)``: for each value, the least KL of any point
+    at least as tight; sorted from loose to tight, KL rising."""
+    out: list[tuple[float, ...]] = []
+    for point in sorted(points, key=lambda p: direction * p[0], reverse=True):  # tightest first
+        if not out or point[1] < out[-1][1]:
+            out.append(tuple(point))
     return out[::-1]
 
 
-def predict_kl(result: dict[str, Any], kappa: float) -> float | None:
+@attrs.frozen
+class Prediction:
+    """What a GECO run at a kappa is predicted to pay: ``kl`` (nats; None out of reach), the
+    interval ``low``-``high`` that held GECO runs' KL in the benchmark, and where the prediction
+    comes from (:data:`INTERVALS`)."""
+
+    kl: float | None
+    where: str
+    low: float | None = None
+    high: float | None = None
+
+
+#: where a prediction comes from -> (low, high): the GECO run's KL / the predicted KL that the
+#: interval spans (benchmarks/kappa_finder.py --intervals, docs/BENCHMARKS.md). "interpolated":
+#: between two points of the way down measured at lambda >= LOOSE times the natural scale; "loose
+#: end": below it, or looser than every point; "held": between the curve and the floor (the KL at
+#: the held high lambda)
+INTERVALS: dict[str, tuple[float, float]] = {"interpolated": (0.7, 1.05), "loose end": (0.3, 1.05), "held": (0.5, 1.1)}
+#: lambda / natural scale below which the way down is the loose end (the model has not yet shed the KL)
+LOOSE = 0.1
+
+
+def predict(result: dict[str, Any], kappa: float) -> Prediction:
     """The KL a GECO run at ``kappa`` is predicted to pay, from one constraint's finder result:
     log-linear between the points of the curve around it; the loosest point's KL where ``kappa`` is
     looser than every point; the KL at the held high lambda (where a GECO run whose kappa the way
-    down never reached ends) between the curve's tightest point and the floor; None (out of reach)
-    tighter than the floor."""
+    down never reached ends) between the curve's tightest point and the floor; out of reach
+    tighter than the floor. With its interval (:data:`INTERVALS`)."""
     direction = _tighter(result)
-    envelope = [(q["value"], q["kl"]) for q in result["curve"]]
-    if not envelope:
+    envelope = [(q["value"], q["kl"], q.get("factor", 1.0)) for q in result["curve"]]
+    kl, where = None, "out of reach"
+    if envelope:
+        loose, tight = envelope[0], envelope[-1]
+        if direction * (kappa - tight[0]) > 0:
+            floor = result.get("floor", result.get("floor_measured"))
+            if floor is None:
+                floor = result.get("floor_measured")
+            if floor is not None and direction * (kappa - floor) <= 0 and result.get("kl_at_high") is not None:
+                kl, where = result["kl_at_high"], "held"
+        elif direction * (kappa - loose[0]) <= 0:
+            kl, where = loose[1], "loose end"
+        else:
+            for (v0, k0, f0), (v1, k1, f1) in zip(envelope, envelope[1:]):
+                if direction * (kappa - v0) >= 0 and direction * (kappa - v1) <= 0:
+                    t = 0.0 if v1 == v0 else (kappa - v0) / (v1 - v0)
+                    kl = math.exp((1 - t) * math.log(max(k0, 1e-6)) + t * math.log(max(k1, 1e-6)))
+                    factor = math.exp((1 - t) * math.log(f0) + t * math.log(f1))
+                    where = "interpolated" if factor >= LOOSE else "loose end"
+                    break
+    if kl is None:
+        return Prediction(None, "out of reach")
+    low, high = INTERVALS[where]
+    return Prediction(kl, where, kl * low, kl * high)
+
+
+def predict_kl(result: dict[str, Any], kappa: float) -> float | None:
+    """The KL of :func:`predict`, nats (None: out of reach)."""
+    return predict(result, kappa).kl
+
+
+def _kl_on(envelope: Sequence[tuple[float, ...]], value: float) -> float:
+    """The envelope's KL at one of its own values."""
+    return next(p[1] for p in envelope if p[0] == value)
+
+
+def _kappa_at(envelope: Sequence[tuple[float, float]], kl: float) -> float | None:
+    """The value where the envelope (loose to tight, KL rising; log-linear between points) pays
+    ``kl``; None where every point pays more, the loosest value where every point pays less."""
+    if not envelope or envelope[0][1] > kl:
         return None
-    loose, tight = envelope[0], envelope[-1]
-    if direction * (kappa - tight[0]) > 0:
-        floor = result.get("floor")
-        return result.get("kl_at_high") if floor is not None and direction * (kappa - floor) <= 0 else None
-    if direction * (kappa - loose[0]) <= 0:
-        return loose[1]
     for (v0, k0), (v1, k1) in zip(envelope, envelope[1:]):
-        if direction * (kappa - v0) >= 0 and direction * (kappa - v1) <= 0:
-            t = 0.0 if v1 == v0 else (kappa - v0) / (v1 - v0)
-            return math.exp((1 - t) * math.log(max(k0, 1e-6)) + t * math.log(max(k1, 1e-6)))
-    return None
+        if k0 <= kl <= k1:
+            t = 0.0 if k1 == k0 else math.log(kl / max(k0, 1e-6)) / math.log(max(k1, 1e-6) / max(k0, 1e-6))
+            return v0 + t * (v1 - v0)
+    return envelope[-1][0]
 
 
 def _knee(envelope: Sequence[tuple[float, float]], perfect: float) -> float | None:
@@ -272,11 +326,14 @@ def analyse(points: Sequence[dict[str, Any]], constraints: dict[str, dict], budg
     for name, meta in constraints.items():
         direction = _tighter(meta)
         held = [(p["step"], p["values"][name]) for p in points if p["step"] <= hold_steps]
-        ramp = [(p["values"][name], p["kl"]) for p in points if p["step"] > hold_steps]
+        ramp = [(p["values"][name], p["kl"], p["factor"]) for p in points if p["step"] > hold_steps]
         measured = min((p["values"][name] for p in points), key=lambda v: direction * -v, default=None)
         floor, status, fit = _floor(held, measured, budget, last, hold_steps, direction, meta.get("perfect", 0.0))
         envelope = _envelope(ramp, direction) if ramp else []
-        suggestion = _knee(envelope, meta.get("perfect", 0.0)) if envelope else None
+        suggestion = _knee([e[:2] for e in envelope], meta.get("perfect", 0.0)) if envelope else None
+        frugal = (
+            _kappa_at([e[:2] for e in envelope], 0.5 * _kl_on(envelope, suggestion)) if suggestion is not None else None
+        )
         kappas = _grid(measured if floor is None else floor, envelope, direction)
         high = [p["kl"] for p in points if p["step"] <= hold_steps][-3:]
         out[name] = result = {
@@ -290,10 +347,15 @@ def analyse(points: Sequence[dict[str, Any]], constraints: dict[str, dict], budg
             "fit": fit,
             "kl_at_high": sum(high) / len(high) if high else None,
             "suggested_kappa": suggestion,
-            "curve": [{"value": v, "kl": k} for v, k in envelope],
+            "frugal_kappa": frugal,
+            "curve": [{"value": v, "kl": k, "factor": f} for v, k, f in envelope],
         }
-        result["table"] = [{"kappa": k, "predicted_kl": predict_kl(result, k)} for k in kappas]
+        result["table"] = [_row(k, predict(result, k)) for k in kappas]
     return out
+
+
+def _row(kappa: float, p: Prediction) -> dict[str, Any]:
+    return {"kappa": kappa, "predicted_kl": p.kl, "low": p.low, "high": p.high, "from": p.where}
 
 
 def _floor(held, measured, budget: int, steps: int, hold_steps: int, direction: int, perfect: float):
@@ -510,16 +572,30 @@ def format_result(result: dict[str, Any]) -> str:
             "",
             f"{name} ({c['units']}; {c['direction']}; configured kappa {c['kappa']:g})",
             f"  reachable floor at {result['budget']} steps: {_floor_text(result, c)}",
-            f"  suggested kappa (knee: 1% tighter costs more than {result['knee']:.0%} more KL): "
-            f"{_num(c['suggested_kappa'])}",
+            f"  suggested kappa {_num(c['suggested_kappa'])}, the knee: the tightest worth paying for (a further 1% "
+            f"of the slack costs more than {result['knee']:.0%} more KL); predicted KL "
+            f"{_kl_text(c, c['suggested_kappa'])}",
+            f"  frugal kappa {_num(c.get('frugal_kappa'))}: half the knee's KL; predicted KL "
+            f"{_kl_text(c, c.get('frugal_kappa'))}",
             "",
             f"  predicted KL: what the finder's way down paid at each kappa (a model trained {result['finder_steps']} "
-            "steps; docs/kappa.md says how far to trust it)",
-            "  | kappa | predicted KL (nats) |",
-            "  |---|---|",
+            "steps), and the interval that held GECO runs' KL in the benchmark (docs/kappa.md)",
+            "  | kappa | predicted KL (nats) | interval (nats) | from |",
+            "  |---|---|---|---|",
         ]
-        lines += [f"  | {row['kappa']:g} | {_num(row['predicted_kl'], '.1f')} |" for row in c["table"]]
+        lines += [
+            f"  | {row['kappa']:g} | {_num(row['predicted_kl'], '.1f')} | "
+            f"{_num(row.get('low'), '.1f')}–{_num(row.get('high'), '.1f')} | {row.get('from', '-')} |"
+            for row in c["table"]
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _kl_text(c: dict[str, Any], kappa: float | None) -> str:
+    if kappa is None:
+        return "-"
+    p = predict(c, kappa)
+    return "-" if p.kl is None else f"{p.kl:.3g} nats ({p.low:.3g}–{p.high:.3g}, {p.where})"
 
 
 def _floor_text(result: dict[str, Any], c: dict[str, Any]) -> str:
@@ -539,7 +615,8 @@ def _num(value: float | None, spec: str = ".4g") -> str:
 
 def plot_result(result: dict[str, Any], path: Path) -> Path:
     """Per constraint: the way down (value against KL, coloured by lambda / natural scale, the
-    floor and the suggestion marked) and the held part's learning curve with its fit."""
+    predictions' intervals shaded, the floor, the knee and the frugal kappa marked) and the held
+    part's learning curve with its fit."""
     plt = pyplot()
     from matplotlib.colors import LogNorm
 
@@ -560,12 +637,24 @@ def plot_result(result: dict[str, Any], path: Path) -> Path:
             s=14,
         )
         ax.plot([q["value"] for q in c["curve"]], [q["kl"] for q in c["curve"]], color="grey", lw=1)
-        if c["floor"] is not None:
-            ax.axvline(c["floor"], color="crimson", ls="--", lw=1, label=f"floor {c['floor']:.4g}")
-        if c["suggested_kappa"] is not None:
-            ax.axvline(
-                c["suggested_kappa"], color="black", ls=":", lw=1, label=f"suggested κ {c['suggested_kappa']:.4g}"
+        rows = [r for r in c["table"] if r.get("low") is not None]
+        if rows:  # the interval around each prediction of the table
+            ax.fill_between(
+                [r["kappa"] for r in rows],
+                [r["low"] for r in rows],
+                [r["high"] for r in rows],
+                color="grey",
+                alpha=0.15,
+                lw=0,
+                label="predicted KL, interval",
             )
+        if c["floor"] is not None:
+            ax.axvline(c["floor"], color="crimson", ls="--", lw=1, label=f"floor {c['floor']:.4g} (tightest reachable)")
+        marks = (("suggested_kappa", "black", "knee κ {:.4g} (tightest worth it)"), ("frugal_kappa", "tab:green",
+                 "frugal κ {:.4g} (half the knee's KL)"))  # fmt: skip
+        for key, colour, label in marks:
+            if c.get(key) is not None:
+                ax.axvline(c[key], color=colour, ls=":", lw=1.2, label=label.format(c[key]))
         ax.set(xlabel=f"κ: {c['units']}", ylabel="KL (nats, validation)", yscale="log", title=f"{name}: κ against KL")
         ax.legend(fontsize=8)
         fig.colorbar(drawn, ax=ax, label="λ / natural scale")

@@ -287,20 +287,20 @@ def evaluate_run(
         torch.manual_seed(seed)
         sigma = sigma_opt(exp, train, _subset(len(train), sigma_examples, seed))
         torch.manual_seed(seed + 1)
-        log_p = [0.0, 0]  # one pass over the held-out data: NLL, RMSE, KL and constraints from one draw
+        log_p_sum, pixels = [0.0], [0]  # one pass over the held-out data: NLL, RMSE, KL and constraints, one draw
 
         n_real = min(examples, realism_examples, len(heldout))
         recon: list[Tensor] = []
 
         def nll(batch, out) -> None:
-            log_p[0] += float(quantised_normal_log_prob(batch.x, out.x_hat, sigma).sum())
-            log_p[1] += batch.x.numel()
+            log_p_sum[0] += float(quantised_normal_log_prob(batch.x, out.x_hat, sigma).sum())
+            pixels[0] += batch.x.numel()
             kept = sum(len(r) for r in recon)
             if kept < n_real:
                 recon.append(out.x_hat[: n_real - kept].cpu())
 
         held = evaluate_heldout(exp, heldout, examples, on_batch=nll)
-        nats = -log_p[0] / log_p[1]
+        nats = -log_p_sum[0] / pixels[0]
         torch.manual_seed(seed + 2)
         kl_index = _subset(len(train), examples, seed + 1)
         mean_kl = average_kl(exp, train, kl_index)

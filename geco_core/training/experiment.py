@@ -48,7 +48,37 @@ def _model(config: Config, data: ImageData) -> VAE:
         kwargs["context_shape"] = data.context_shape
     elif getattr(entry.factory, "conditional", False):
         raise ConfigError(f"model.name: {name!r} is conditional but dataset {config.data.name!r} has no context")
-    return create("model", name, **kwargs, **config.model.options)
+    model = create("model", name, **kwargs, **config.model.options)
+    check_model(model, data, name)
+    return model
+
+
+def check_model(model: Any, data: ImageData, name: str) -> None:
+    """The model contract (docs/models.md), checked on two of ``data``'s examples: an ``nn.Module``
+    with ``sample(n, context=None)``, whose ``forward(x, context=None)`` returns an ``Output`` of
+    logits shaped like ``x`` and a per-example KL ``(B,)``; a ConfigError naming what is wrong. The
+    check draws no random numbers the run would see and leaves the model's mode as it was."""
+    where = f"model.name: model {name!r}"
+    missing = [m for m in ("forward", "sample") if not callable(getattr(model, m, None))]
+    if not isinstance(model, nn.Module) or missing:
+        lacks = ", ".join(["subclass torch.nn.Module"] * (not isinstance(model, nn.Module)) + missing)
+        raise ConfigError(f"{where} does not meet the model contract: it lacks {lacks} (subclass geco_core.models.VAE)")
+    with torch.random.fork_rng(devices=[]), evaluating(model):  # draws and modes as they were after
+        batch = data.batch(torch.arange(min(2, len(data))), torch.device("cpu"))
+        out = model(batch.x, batch.context) if data.context_shape is not None else model(batch.x)
+    logits, kl = getattr(out, "logits", None), getattr(out, "kl", None)
+    n = len(batch.x)
+    if (
+        not isinstance(logits, Tensor)
+        or logits.shape != batch.x.shape
+        or not isinstance(kl, Tensor)
+        or kl.shape != (n,)
+    ):
+        got = f"logits {tuple(getattr(logits, 'shape', ()))}, kl {tuple(getattr(kl, 'shape', ()))}"
+        raise ConfigError(
+            f"{where}: forward must return Output(logits {tuple(batch.x.shape)}, kl ({n},)) (nats per example); "
+            f"got {type(out).__name__} with {got}"
+        )
 
 
 def _constraint(spec: ConstraintConfig, image_shape: tuple[int, int, int]) -> nn.Module:
@@ -303,7 +333,7 @@ def evaluate_heldout(
     per constraint, judge name -> ``(dim,)``). ``on_batch(batch, out)`` sees each batch, for
     measures of the same pass."""
     n = min(n, len(data))
-    kl_sq = torch.zeros(2, dtype=torch.float64, device=exp.device)
+    kl_mse_sums = torch.zeros(2, dtype=torch.float64, device=exp.device)
     judges = exp.judges if any(exp.judges) else []
     judge_sums = (
         [{k: torch.zeros(c.dim, device=exp.device) for k in group} for c, group in zip(exp.stack.constraints, judges)]
@@ -312,8 +342,8 @@ def evaluate_heldout(
     )
 
     def measure(batch: DataBatch, out: Output) -> None:
-        kl_sq[0] += out.kl.double().sum()
-        kl_sq[1] += (batch.x - out.x_hat).square().flatten(1).mean(1).double().sum()
+        kl_mse_sums[0] += out.kl.double().sum()
+        kl_mse_sums[1] += (batch.x - out.x_hat).square().flatten(1).mean(1).double().sum()
         if judges:
             cbatch = constraint_batch(out, batch)
             for group, sums in zip(judges, judge_sums):
@@ -323,7 +353,7 @@ def evaluate_heldout(
             on_batch(batch, out)
 
     values = constraint_values(exp, data, torch.arange(n), batch_size, measure)
-    kl, sq = kl_sq.tolist()
+    kl, sq = kl_mse_sums.tolist()
     result: dict[str, Any] = {"examples": n, "kl": kl / n, "rmse": math.sqrt(sq / n)}
     if exp.stack is not None:
         result["constraint_means"] = values.mean(0).cpu()
