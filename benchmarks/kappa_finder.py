@@ -186,12 +186,18 @@ def run_length(out: str, cell: str, steps: int) -> None:
     find_kappa(REPO / "configs" / path, overrides=[*settings, *overrides], steps=steps, run_dir=folder)
 
 
-def interval_kappas(out: str, cell: str) -> list[float]:
+def reanalysed(result: dict[str, Any], budget: int) -> dict[str, Any]:
+    """A finder result's (only) constraint analysed again from its probes, for ``budget`` steps."""
     from geco_core.evaluation.kappa import analyse
 
-    r = json.loads((Path(out) / "lengths" / f"{cell}-2000" / "kappa.json").read_text())
-    meta = {k: {m: c[m] for m in ("units", "kappa", "direction", "perfect")} for k, c in r["constraints"].items()}
-    (c,) = analyse(r["points"], meta, 2000, r["hold_steps"]).values()
+    keys = ("units", "kappa", "direction", "perfect")
+    meta = {name: {k: c[k] for k in keys} for name, c in result["constraints"].items()}
+    (c,) = analyse(result["points"], meta, budget, result["hold_steps"]).values()
+    return c
+
+
+def interval_kappas(out: str, cell: str) -> list[float]:
+    c = reanalysed(json.loads((Path(out) / "lengths" / f"{cell}-2000" / "kappa.json").read_text()), 2000)
     floor, knee = c["floor"], c["suggested_kappa"]
     return [float(f"{floor + f * (knee - floor):.4g}") for f in SLACKS]
 
@@ -215,7 +221,7 @@ def run_interval(out: str, cell: str, kappa: float) -> dict[str, Any]:
 
 
 def intervals_report(out: Path) -> str:
-    from geco_core.evaluation.kappa import analyse, predict
+    from geco_core.evaluation.kappa import predict
 
     lines = ["| cell | κ | GECO held-out | GECO KL | predicted KL | from | interval | GECO / predicted | inside |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -223,9 +229,7 @@ def intervals_report(out: Path) -> str:
         path = out / "lengths" / f"{cell}-2000" / "kappa.json"
         if not path.is_file():
             continue
-        r = json.loads(path.read_text())
-        meta = {k: {m: c[m] for m in ("units", "kappa", "direction", "perfect")} for k, c in r["constraints"].items()}
-        (c,) = analyse(r["points"], meta, 2000, r["hold_steps"]).values()
+        c = reanalysed(json.loads(path.read_text()), 2000)
         for folder in sorted((out / "intervals").glob(f"{cell}-k*")):
             if not (folder / "bench.json").is_file():
                 continue
@@ -246,8 +250,6 @@ def intervals_report(out: Path) -> str:
 
 def lengths_report(out: Path, lengths: list[int], budgets: list[int]) -> str:
     """Per cell and budget: each finder's floor (re-analysed at the budget) against the longest's."""
-    from geco_core.evaluation.kappa import analyse
-
     longest = max(lengths)
     lines = [
         "| cell | budget | " + " | ".join(f"{n} steps" for n in lengths) + " |",
@@ -260,14 +262,7 @@ def lengths_report(out: Path, lengths: list[int], budgets: list[int]) -> str:
             if path.is_file():
                 results[n] = json.loads(path.read_text())
         for budget in budgets:
-            floors = {}
-            for n, r in results.items():
-                meta = {
-                    k: {m: c[m] for m in ("units", "kappa", "direction", "perfect")}
-                    for k, c in r["constraints"].items()
-                }
-                (c,) = analyse(r["points"], meta, budget, r["hold_steps"]).values()
-                floors[n] = c
+            floors = {n: reanalysed(r, budget) for n, r in results.items()}
             ref = floors.get(longest, {}).get("floor")
             cells = []
             for n in lengths:

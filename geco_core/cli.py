@@ -17,7 +17,17 @@ from geco_core.plugins import HOOKS, registry
 __all__ = ["main"]
 
 #: what the ``train`` extra installs, by import name (the commands that train, evaluate or plot need it)
-TRAIN_EXTRA = ("filelock", "tqdm", "matplotlib", "tensorboard", "tomli_w", "safetensors", "numpy", "torchmetrics")
+TRAIN_EXTRA = (
+    "filelock",
+    "tqdm",
+    "matplotlib",
+    "tensorboard",
+    "tomli_w",
+    "safetensors",
+    "numpy",
+    "torchmetrics",
+    "PIL",
+)
 EXIT_DIVERGED = 3
 
 

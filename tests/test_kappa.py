@@ -148,37 +148,38 @@ def test_the_default_finder_is_long_enough_for_its_floor_to_reach_the_budget():
         assert budget <= finder.REACH * finder.HOLD * finder.default_steps(budget)
 
 
-def test_predictions_interpolate_log_linearly_and_say_what_lies_beyond_the_curve():
+def test_predictions_interpolate_the_way_down_log_linearly_correct_it_and_say_where_they_come_from():
     result = {
         "direction": "lower is tighter",
         "floor": 0.06,
         "kl_at_high": 150.0,
-        "curve": [
-            {"value": 0.2, "kl": 5.0, "factor": 0.01},
-            {"value": 0.1, "kl": 20.0, "factor": 1.0},
-            {"value": 0.07, "kl": 80.0, "factor": 10.0},
-        ],
+        "curve": [{"value": 0.2, "kl": 5.0}, {"value": 0.1, "kl": 20.0}, {"value": 0.07, "kl": 80.0}],
     }
-    assert finder.predict_kl(result, 0.15) == pytest.approx(math.exp((math.log(5) + math.log(20)) / 2))
-    assert finder.predict_kl(result, 0.3) == 5.0  # looser than every point
-    assert finder.predict_kl(result, 0.065) == 150.0  # between the curve and the floor: lambda held high
-    assert finder.predict_kl(result, 0.05) is None  # out of reach
-    # where each comes from, and its interval: the benchmark's spread of GECO-run KL / predicted KL
-    middle = 0.1 + (0.07 - 0.1) / 2  # lambda sqrt(10) x the natural scale there, log-linearly
-    loose = 0.2 + (0.1 - 0.2) * 0.25  # 0.01^0.75 * 1^0.25 = 0.032: below LOOSE
-    assert finder.LOOSE > 0.01**0.75
-    for kappa, where in ((middle, "interpolated"), (loose, "loose end"), (0.3, "loose end"), (0.065, "held")):
+    cases = {
+        0.15: (math.exp((math.log(5) + math.log(20)) / 2), "interpolated"),
+        0.085: (math.exp((math.log(20) + math.log(80)) / 2), "interpolated"),
+        0.3: (5.0, "looser than measured"),
+        0.065: (150.0, "held"),  # between the curve and the floor: lambda held high
+    }
+    for kappa, (way_down, where) in cases.items():
         p = finder.predict(result, kappa)
+        assert p.way_down == pytest.approx(way_down) and p.where == where
+        if where == "held":
+            assert p.kl == pytest.approx(finder.HELD * way_down)
+        else:  # a GECO run finds a path a few nats cheaper than the way down
+            assert p.kl == pytest.approx(max(finder.SLOPE * way_down - finder.OFFSET, finder.MIN_SHARE * way_down))
         low, high = finder.INTERVALS[where]
-        assert p.where == where and p.low == pytest.approx(low * p.kl) and p.high == pytest.approx(high * p.kl)
+        assert p.low == pytest.approx(low * p.kl) and p.high == pytest.approx(high * p.kl)
+        assert finder.predict_kl(result, kappa) == p.kl
     assert finder.predict(result, 0.05) == finder.Prediction(None, "out of reach")
+    assert finder.predict_kl(result, 0.05) is None
 
 
 def test_the_frugal_kappa_pays_half_the_knees_kl():
-    """KL = 1 + 0.02 v^-4: free at loose values, ever steeper as v tightens; the frugal kappa pays
-    half the knee's KL, at the v the closed form gives."""
+    """The way down pays 10 + 0.2 v^-4: little at loose values, ever steeper as v tightens; the
+    frugal kappa is predicted to pay half the knee's KL, at the v the closed form gives."""
     values = [0.6 * 0.98**i for i in range(90)]  # loose to tight
-    kl = lambda v: 1 + 0.02 * v**-4.0  # noqa: E731
+    kl = lambda v: 10 + 0.2 * v**-4.0  # noqa: E731
     down = [{"step": 1001 + i, "values": {"re": v}, "kl": kl(v), "factor": 1.0} for i, v in enumerate(values)]
     held = [{"step": s, "values": {"re": values[-1]}, "kl": 500.0, "factor": 100.0} for s in (500, 750, 1000)]
     meta = {"re": {"units": "rmse", "kappa": 0.1, "direction": "lower is tighter", "perfect": 0.0}}
@@ -187,7 +188,8 @@ def test_the_frugal_kappa_pays_half_the_knees_kl():
     assert values[-1] < knee < frugal < values[0]
     half = 0.5 * finder.predict_kl(c, knee)
     assert finder.predict_kl(c, frugal) == pytest.approx(half, rel=1e-6)
-    assert frugal == pytest.approx((0.02 / (half - 1)) ** 0.25, rel=1e-3)
+    way_down = (half + finder.OFFSET) / finder.SLOPE  # the way down's KL there
+    assert frugal == pytest.approx((0.2 / (way_down - 10)) ** 0.25, rel=1e-3)
 
 
 # --- the finder against a closed-form frontier ---------------------------------------------------

@@ -7,6 +7,7 @@ trainer passes those it accepts) and its own options, and returns an :class:`Ima
 from __future__ import annotations
 
 from geco_core.data.base import Batches, DataBatch, ImageData, resolve_root
+from geco_core.data.files import folder, tensor_file
 from geco_core.data.mnist import (
     color_mnist,
     fashion_mnist,
@@ -35,3 +36,5 @@ def geco_register_datasets(register):
     register(mnist_rotate, name="mnist-rotate")
     register(cifar10, name="cifar10")
     register(celeba, name="celeba")
+    register(folder, name="folder")
+    register(tensor_file, name="tensor")

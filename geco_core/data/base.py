@@ -33,16 +33,20 @@ class DataBatch:
 
 @attrs.frozen(eq=False)
 class ImageData:
-    """A dataset held in memory.
+    """A dataset held in memory, or memory-mapped from a file.
 
     images:  uint8 ``(N, C, H, W)``
     labels:  int64 ``(N,)``, or ``(N, k)`` for stacked digits; None when the data has none
     context: uint8 ``(N, C', H, W)`` conditioning images of a conditional task; None otherwise
+    rows:    for memory-mapped ``images`` (a data set larger than memory), which of their rows
+             this data set holds, in order: subsets and splits then select rows instead of copying
+             images, and batches read only the rows they need. None: every row, in memory.
     """
 
     images: Tensor
     labels: Tensor | None = None
     context: Tensor | None = None
+    rows: Tensor | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -53,7 +57,7 @@ class ImageData:
                 raise ValueError(f"{name} has {len(t)} rows for {len(self.images)} images")
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.images) if self.rows is None else len(self.rows)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -65,11 +69,15 @@ class ImageData:
 
     def to(self, device: torch.device | str) -> ImageData:
         """The same data on ``device`` (uint8 still): batches then index it there, with no copy
-        from the host per step."""
-        return self._map(lambda t: t.to(device))
+        from the host per step (memory-mapped data: its rows, read once)."""
+        source = self if self.rows is None else self._map(lambda t: t[self.rows])
+        return source._map(lambda t: t.to(device))
 
     def subset(self, index: Tensor) -> ImageData:
-        """The examples at ``index`` as a dataset of their own (copies)."""
+        """The examples at ``index`` as a dataset of their own (copies; for memory-mapped data, the
+        same file with those rows)."""
+        if self.rows is not None:
+            return attrs.evolve(self, rows=self.rows[index])
         return self._map(lambda t: t[index].contiguous())
 
     def _map(self, fn: Callable[[Tensor], Tensor]) -> ImageData:
@@ -88,13 +96,15 @@ class ImageData:
     def batch(self, index: Tensor, device: torch.device | str = "cpu") -> DataBatch:
         """The examples at ``index``, moved to ``device`` as uint8 and scaled there to [0, 1]."""
 
+        rows = index if self.rows is None else self.rows[index.cpu()]
+
         def pixels(t: Tensor) -> Tensor:
-            return t[index].to(device, non_blocking=True).float().div_(255.0)
+            return t[rows].to(device, non_blocking=True).float().div_(255.0)
 
         return DataBatch(
             x=pixels(self.images),
             index=index.to(device),
-            labels=None if self.labels is None else self.labels[index].to(device),
+            labels=None if self.labels is None else self.labels[rows].to(device),
             context=None if self.context is None else pixels(self.context),
         )
 

@@ -207,56 +207,63 @@ def _envelope(points: Sequence[tuple[float, ...]], direction: int) -> list[tuple
 @attrs.frozen
 class Prediction:
     """What a GECO run at a kappa is predicted to pay: ``kl`` (nats; None out of reach), the
-    interval ``low``-``high`` that held GECO runs' KL in the benchmark, and where the prediction
-    comes from (:data:`INTERVALS`)."""
+    interval ``low``-``high`` that held every GECO run of the benchmark, where the prediction
+    comes from (:data:`INTERVALS`), and ``way_down``, the KL the finder's way down paid there."""
 
     kl: float | None
     where: str
     low: float | None = None
     high: float | None = None
+    way_down: float | None = None
 
 
-#: where a prediction comes from -> (low, high): the GECO run's KL / the predicted KL that the
-#: interval spans (benchmarks/kappa_finder.py --intervals, docs/BENCHMARKS.md). "interpolated":
-#: between two points of the way down measured at lambda >= LOOSE times the natural scale; "loose
-#: end": below it, or looser than every point; "held": between the curve and the floor (the KL at
-#: the held high lambda)
-INTERVALS: dict[str, tuple[float, float]] = {"interpolated": (0.7, 1.05), "loose end": (0.3, 1.05), "held": (0.5, 1.1)}
-#: lambda / natural scale below which the way down is the loose end (the model has not yet shed the KL)
-LOOSE = 0.1
+#: a GECO run at kappa pays about SLOPE * (the KL the finder's way down paid there) - OFFSET nats,
+#: never less than MIN_SHARE of it: the way down is one path, a GECO run finds one a few nats cheaper
+#: (fitted on benchmarks/kappa_finder.py --intervals, docs/BENCHMARKS.md)
+SLOPE, OFFSET, MIN_SHARE = 0.952, 4.38, 0.3
+#: between the curve and the floor a GECO run pays about HELD times the KL at the held high lambda
+HELD = 0.5
+#: where a prediction comes from -> the interval (low, high) as factors of the prediction, as wide
+#: as the benchmark's GECO runs left out of fitting SLOPE and OFFSET needed. "interpolated": between
+#: two points of the way down; "looser than measured": looser than its loosest point (the KL a run
+#: pays falls towards 0); "held": between the way down's tightest point and the floor
+INTERVALS: dict[str, tuple[float, float]] = {
+    "interpolated": (0.8, 1.3),
+    "looser than measured": (0.0, 1.3),
+    "held": (0.7, 1.45),
+}
 
 
 def predict(result: dict[str, Any], kappa: float) -> Prediction:
-    """The KL a GECO run at ``kappa`` is predicted to pay, from one constraint's finder result:
-    log-linear between the points of the curve around it; the loosest point's KL where ``kappa`` is
-    looser than every point; the KL at the held high lambda (where a GECO run whose kappa the way
-    down never reached ends) between the curve's tightest point and the floor; out of reach
-    tighter than the floor. With its interval (:data:`INTERVALS`)."""
+    """The KL a GECO run at ``kappa`` is predicted to pay, from one constraint's finder result: the
+    way down's KL (log-linear between the points of the curve around ``kappa``; the loosest point's
+    where ``kappa`` is looser than every point) corrected by :data:`SLOPE` and :data:`OFFSET`;
+    :data:`HELD` times the KL at the held high lambda between the curve's tightest point and the
+    floor (where a GECO run whose kappa the way down never reached ends); out of reach tighter than
+    the floor. With its interval (:data:`INTERVALS`)."""
     direction = _tighter(result)
-    envelope = [(q["value"], q["kl"], q.get("factor", 1.0)) for q in result["curve"]]
-    kl, where = None, "out of reach"
+    envelope = [(q["value"], q["kl"]) for q in result["curve"]]
+    way, where = None, "out of reach"
     if envelope:
         loose, tight = envelope[0], envelope[-1]
         if direction * (kappa - tight[0]) > 0:
-            floor = result.get("floor", result.get("floor_measured"))
-            if floor is None:
-                floor = result.get("floor_measured")
+            floor = result["floor"] if result.get("floor") is not None else result.get("floor_measured")
             if floor is not None and direction * (kappa - floor) <= 0 and result.get("kl_at_high") is not None:
-                kl, where = result["kl_at_high"], "held"
+                way, where = result["kl_at_high"], "held"
         elif direction * (kappa - loose[0]) <= 0:
-            kl, where = loose[1], "loose end"
+            way, where = loose[1], "looser than measured"
         else:
-            for (v0, k0, f0), (v1, k1, f1) in zip(envelope, envelope[1:]):
+            for (v0, k0), (v1, k1) in zip(envelope, envelope[1:]):
                 if direction * (kappa - v0) >= 0 and direction * (kappa - v1) <= 0:
                     t = 0.0 if v1 == v0 else (kappa - v0) / (v1 - v0)
-                    kl = math.exp((1 - t) * math.log(max(k0, 1e-6)) + t * math.log(max(k1, 1e-6)))
-                    factor = math.exp((1 - t) * math.log(f0) + t * math.log(f1))
-                    where = "interpolated" if factor >= LOOSE else "loose end"
+                    way = math.exp((1 - t) * math.log(max(k0, 1e-6)) + t * math.log(max(k1, 1e-6)))
+                    where = "interpolated"
                     break
-    if kl is None:
+    if way is None:
         return Prediction(None, "out of reach")
+    kl = HELD * way if where == "held" else max(SLOPE * way - OFFSET, MIN_SHARE * way)
     low, high = INTERVALS[where]
-    return Prediction(kl, where, kl * low, kl * high)
+    return Prediction(kl, where, kl * low, kl * high, way)
 
 
 def predict_kl(result: dict[str, Any], kappa: float) -> float | None:
@@ -264,21 +271,21 @@ def predict_kl(result: dict[str, Any], kappa: float) -> float | None:
     return predict(result, kappa).kl
 
 
-def _kl_on(envelope: Sequence[tuple[float, ...]], value: float) -> float:
-    """The envelope's KL at one of its own values."""
-    return next(p[1] for p in envelope if p[0] == value)
-
-
-def _kappa_at(envelope: Sequence[tuple[float, float]], kl: float) -> float | None:
-    """The value where the envelope (loose to tight, KL rising; log-linear between points) pays
-    ``kl``; None where every point pays more, the loosest value where every point pays less."""
-    if not envelope or envelope[0][1] > kl:
+def _frugal(result: dict[str, Any]) -> float | None:
+    """The kappa, looser than the knee, at which a GECO run is predicted to pay half the knee's KL
+    (bisection along the curve, where the prediction falls as kappa loosens); None where the curve
+    ends first."""
+    knee, curve = result["suggested_kappa"], result["curve"]
+    if knee is None or not curve:
         return None
-    for (v0, k0), (v1, k1) in zip(envelope, envelope[1:]):
-        if k0 <= kl <= k1:
-            t = 0.0 if k1 == k0 else math.log(kl / max(k0, 1e-6)) / math.log(max(k1, 1e-6) / max(k0, 1e-6))
-            return v0 + t * (v1 - v0)
-    return envelope[-1][0]
+    target = 0.5 * predict(result, knee).kl
+    tight, loose = knee, curve[0]["value"]
+    if predict(result, loose).kl > target:
+        return None
+    for _ in range(60):
+        middle = (tight + loose) / 2
+        tight, loose = (middle, loose) if predict(result, middle).kl > target else (tight, middle)
+    return loose
 
 
 def _knee(envelope: Sequence[tuple[float, float]], perfect: float) -> float | None:
@@ -326,14 +333,11 @@ def analyse(points: Sequence[dict[str, Any]], constraints: dict[str, dict], budg
     for name, meta in constraints.items():
         direction = _tighter(meta)
         held = [(p["step"], p["values"][name]) for p in points if p["step"] <= hold_steps]
-        ramp = [(p["values"][name], p["kl"], p["factor"]) for p in points if p["step"] > hold_steps]
+        ramp = [(p["values"][name], p["kl"]) for p in points if p["step"] > hold_steps]
         measured = min((p["values"][name] for p in points), key=lambda v: direction * -v, default=None)
         floor, status, fit = _floor(held, measured, budget, last, hold_steps, direction, meta.get("perfect", 0.0))
         envelope = _envelope(ramp, direction) if ramp else []
-        suggestion = _knee([e[:2] for e in envelope], meta.get("perfect", 0.0)) if envelope else None
-        frugal = (
-            _kappa_at([e[:2] for e in envelope], 0.5 * _kl_on(envelope, suggestion)) if suggestion is not None else None
-        )
+        suggestion = _knee(envelope, meta.get("perfect", 0.0)) if envelope else None
         kappas = _grid(measured if floor is None else floor, envelope, direction)
         high = [p["kl"] for p in points if p["step"] <= hold_steps][-3:]
         out[name] = result = {
@@ -347,9 +351,9 @@ def analyse(points: Sequence[dict[str, Any]], constraints: dict[str, dict], budg
             "fit": fit,
             "kl_at_high": sum(high) / len(high) if high else None,
             "suggested_kappa": suggestion,
-            "frugal_kappa": frugal,
-            "curve": [{"value": v, "kl": k, "factor": f} for v, k, f in envelope],
+            "curve": [{"value": v, "kl": k} for v, k in envelope],
         }
+        result["frugal_kappa"] = _frugal(result)
         result["table"] = [_row(k, predict(result, k)) for k in kappas]
     return out
 
@@ -578,8 +582,9 @@ def format_result(result: dict[str, Any]) -> str:
             f"  frugal kappa {_num(c.get('frugal_kappa'))}: half the knee's KL; predicted KL "
             f"{_kl_text(c, c.get('frugal_kappa'))}",
             "",
-            f"  predicted KL: what the finder's way down paid at each kappa (a model trained {result['finder_steps']} "
-            "steps), and the interval that held GECO runs' KL in the benchmark (docs/kappa.md)",
+            "  predicted KL: what a GECO run at kappa pays, from the finder's way down (a model trained "
+            f"{result['finder_steps']} steps) as the benchmark corrected it, and the interval that held the "
+            "benchmark's runs (docs/kappa.md)",
             "  | kappa | predicted KL (nats) | interval (nats) | from |",
             "  |---|---|---|---|",
         ]
@@ -636,7 +641,8 @@ def plot_result(result: dict[str, Any], path: Path) -> Path:
             norm=LogNorm(),
             s=14,
         )
-        ax.plot([q["value"] for q in c["curve"]], [q["kl"] for q in c["curve"]], color="grey", lw=1)
+        curve = c["curve"]
+        ax.plot([q["value"] for q in curve], [q["kl"] for q in curve], color="grey", lw=1, label="way down (envelope)")
         rows = [r for r in c["table"] if r.get("low") is not None]
         if rows:  # the interval around each prediction of the table
             ax.fill_between(
@@ -646,7 +652,7 @@ def plot_result(result: dict[str, Any], path: Path) -> Path:
                 color="grey",
                 alpha=0.15,
                 lw=0,
-                label="predicted KL, interval",
+                label="a GECO run's KL, predicted interval",
             )
         if c["floor"] is not None:
             ax.axvline(c["floor"], color="crimson", ls="--", lw=1, label=f"floor {c['floor']:.4g} (tightest reachable)")
