@@ -1,12 +1,16 @@
-"""mkdocs hook: the config reference (``configs.md``) is written from the schema and the registry
+"""mkdocs hooks: the config reference (``configs.md``) is written from the schema and the registry
 at build time, so it cannot drift from the code: every section's keys with their types and
 defaults, and every registered data set, model, objective, constraint and controller with its
-options."""
+options; a page's ``<!-- notebook: NAME.ipynb -->`` becomes that notebook's cells (markdown as it
+is, code as Python blocks), so the tutorial page is the notebook the tests run."""
 
 from __future__ import annotations
 
 import inspect
+import json
+import re
 import typing
+from pathlib import Path
 
 MARKER = "<!-- config-reference -->"
 
@@ -62,7 +66,19 @@ def registered() -> str:
     return "\n".join(out)
 
 
+def notebook(path: Path) -> str:
+    """The cells of the notebook at ``path`` as markdown: markdown cells as they are, code cells
+    as fenced Python blocks."""
+    parts = []
+    for cell in json.loads(path.read_text())["cells"]:
+        text = "".join(cell["source"]).rstrip()
+        parts.append(text if cell["cell_type"] == "markdown" else f"```python\n{text}\n```")
+    return "\n\n".join(parts) + "\n"
+
+
 def on_page_markdown(markdown, page, config, files, **kwargs):
+    docs = Path(config["docs_dir"])
+    markdown = re.sub(r"<!-- notebook: (\S+) -->", lambda m: notebook(docs / m.group(1)), markdown)
     if MARKER not in markdown:
         return markdown
     return markdown.replace(MARKER, sections() + "\n## What is registered\n\n" + registered())
