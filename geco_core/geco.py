@@ -36,7 +36,7 @@ from geco_core.constraint import CONFIDENCE, Batch, ConstraintLike, ConstraintSt
 from geco_core.controllers import DEFAULT, Controller, Signals
 from geco_core.errors import ConfigError, NonFiniteConstraintError
 from geco_core.plugins import create
-from geco_core.state import ComponentState, GecoState, component_status
+from geco_core.state import GecoState, assemble
 
 __all__ = ["GECO", "LOG_LAMBDA_LIMIT", "build_controller"]
 
@@ -102,46 +102,29 @@ class GECO(nn.Module):
     ) -> None:
         super().__init__()
         self.stack = ConstraintStack(constraints)
-        if not 0.0 <= alpha < 1.0:
-            raise ConfigError(f"alpha must be in [0, 1), got {alpha}")
-        if warmup < 0:
-            raise ConfigError(f"warmup must be >= 0, got {warmup}")
-        for key, bound in (("lambda_min", lambda_min), ("lambda_max", lambda_max)):
-            if bound is not None and not 0 < bound < math.inf:
-                raise ConfigError(f"{key} must be > 0 and finite, got {bound}")
-        if lambda_min is not None and lambda_max is not None and lambda_max < lambda_min:
-            raise ConfigError(f"lambda_max ({lambda_max}) must be >= lambda_min ({lambda_min})")
-
+        self.log_lambda_min, self.log_lambda_max = _log_bounds(alpha, warmup, lambda_min, lambda_max)
         self.constraints = nn.ModuleList([c for c in constraints if isinstance(c, nn.Module)])  # moved by .to
         self.dims = self.stack.dims
         self.component_names = self.stack.component_names
-        self.alpha = float(alpha)
-        self.ma_init = ma_init
-        self.warmup = int(warmup)
-        self.strict = strict
-        self.sync = sync
-        self.log_lambda_min = -LOG_LAMBDA_LIMIT if lambda_min is None else math.log(lambda_min)
-        self.log_lambda_max = LOG_LAMBDA_LIMIT if lambda_max is None else math.log(lambda_max)
-        self.log_lambda_min = max(self.log_lambda_min, -LOG_LAMBDA_LIMIT)
-        self.log_lambda_max = min(self.log_lambda_max, LOG_LAMBDA_LIMIT)
+        self.alpha, self.ma_init, self.warmup, self.strict, self.sync = float(alpha), ma_init, int(warmup), strict, sync
 
-        lambda0 = self._per_component("lambda_init", lambda_init, dtype)
+        lambda0 = _per_component("lambda_init", lambda_init, self.dims, dtype)
         if not ((lambda0 > 0) & torch.isfinite(lambda0)).all():
             raise ConfigError(f"lambda_init must be > 0 and finite, got {lambda_init}")
         scales = [(float(c.multiplier_scale), float(c.value_scale)) for c in constraints]
         for c, pair in zip(constraints, scales):
             if not all(0 < s < math.inf for s in pair):
                 raise ConfigError(f"constraint {c.name!r}: multiplier_scale and value_scale must be > 0, got {pair}")
-        steps = self._per_component("lr", lr, dtype)
+        steps = _per_component("lr", lr, self.dims, dtype)
         if not ((steps > 0) & torch.isfinite(steps)).all():
             raise ConfigError(f"lr must be > 0 and finite, got {lr}")
         self.register_buffer("lr", steps, persistent=False)
-        self.register_buffer("multiplier_scale", self._expand([s for s, _ in scales], dtype), persistent=False)
-        self.register_buffer("value_scale", self._expand([v for _, v in scales], dtype), persistent=False)
+        self.register_buffer("multiplier_scale", _expand([s for s, _ in scales], self.dims, dtype), persistent=False)
+        self.register_buffer("value_scale", _expand([v for _, v in scales], self.dims, dtype), persistent=False)
         confidence = [float(getattr(c, "validation_confidence", CONFIDENCE)) for c in constraints]
         if not all(0 <= z < math.inf for z in confidence):
             raise ConfigError(f"validation_confidence must be >= 0 and finite, got {confidence}")
-        self.register_buffer("confidence", self._expand(confidence, dtype), persistent=False)
+        self.register_buffer("confidence", _expand(confidence, self.dims, dtype), persistent=False)
         self.controller = build_controller(controller)
         log_lambda0 = self.controller.initial_log_lambdas(lambda0, self.multiplier_scale)
         log_lambda0 = log_lambda0.clamp(self.log_lambda_min, self.log_lambda_max)
@@ -164,11 +147,6 @@ class GECO(nn.Module):
     def num_components(self) -> int:
         """L, the length of the constraint vector."""
         return self.stack.num_components
-
-    @property
-    def constraints_by_name(self) -> dict[str, ConstraintLike]:
-        """The stacked constraints by name (a repeated name gets ``#2``, ``#3``, ...), in order."""
-        return self.stack.by_name
 
     def split(self, tensor: Tensor) -> dict[str, Tensor]:
         """Views of a ``(..., L)`` tensor, one ``(..., dim)`` per constraint, by constraint name."""
@@ -335,62 +313,13 @@ class GECO(nn.Module):
         self.may_jump = self.controller.discontinuous and bool(jumps)
         size = self.num_components
         rows = {name: table[i * size : (i + 1) * size] for i, name in enumerate(columns)}
-        constraints = self.stack.per_component(self.stack.constraints)
-        components = []
-        for j, name in enumerate(self.component_names):
-            row = {k: v[j] for k, v in rows.items()}
-            reached = None if math.isnan(row["reached"]) else row["reached"]
-            target_reached = None if math.isnan(row["target_reached"]) else row["target_reached"]
-            unreachable = None if "unreachable" not in row else bool(row["unreachable"])
-            best = row.get("best", math.nan)
-            components.append(
-                ComponentState(
-                    name=name,
-                    constraint=self.stack.component_constraints[j],
-                    kappa=float(constraints[j].kappa),
-                    units=constraints[j].units,
-                    also=getattr(constraints[j], "also", None),
-                    c_hat=row["c_hat"],
-                    c_ma=row["c_ma"],
-                    lambda_=row["lambda_"],
-                    beta=row["beta"],
-                    reached=reached,
-                    gap=row["gap"],
-                    status=component_status(
-                        row["target"],
-                        target_reached,
-                        float(constraints[j].kappa),
-                        bool(unreachable),
-                        math.isfinite(row["c_hat"]),
-                    ),
-                    unreachable=unreachable,
-                    best=None if math.isnan(best) else best,
-                    best_step=None if math.isnan(best) else int(row["best_step"]),
-                    extra={k: row[k] for k in progress.extra},
-                )
-            )
-        return GecoState(step=step, skipped=skipped, components=tuple(components))
-
-    def report(self) -> dict[str, float]:
-        """The last step as flat metrics (``re/c_ma``, ``re/lambda``, ..., ``geco/step``): the
-        keys of :meth:`GecoState.flat <geco_core.state.GecoState.flat>`, for a logger."""
-        return self.state().flat()
-
-    @property
-    def jumped(self) -> Tensor:
-        """Scalar bool: whether the last update jumped (a controller restart)."""
-        return self.keep == 0
+        return assemble(self.stack, rows, list(progress.extra), step, skipped)
 
     @property
     def target(self) -> Tensor:
         """``(L,)``: what the controller drives to ``<= 0``, each component's moving average plus
         its generalisation gap (:meth:`validate`)."""
         return self.c_ma + self.gap
-
-    def satisfied(self) -> Tensor:
-        """Boolean ``(L,)``: the moving average of each component, corrected by its generalisation
-        gap (:meth:`validate`), is ``<= 0``."""
-        return self.target <= 0
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "components": list(self.component_names)}
@@ -406,18 +335,7 @@ class GECO(nn.Module):
         extra = state_dict.get(prefix + "_extra_state")
         if extra is None:  # a state from geco 0.1.0, stored by position: taken as it is
             state_dict[prefix + "_extra_state"] = extra = self.get_extra_state()
-        saved = list(extra["components"]) if isinstance(extra, dict) and "components" in extra else None
-        mine = list(self.component_names)
-        if saved is not None and saved != mine:
-            if sorted(saved) != sorted(mine):
-                raise ConfigError(
-                    f"GECO state holds the components {_short(saved)}, this GECO has {_short(mine)}: "
-                    "multipliers are matched by name, so the stacks must hold the same components"
-                )
-            order = torch.tensor([saved.index(n) for n in mine])
-            for key in self._per_component_keys(prefix):
-                if key in state_dict:
-                    state_dict[key] = state_dict[key][order]
+        _match_components(state_dict, extra, list(self.component_names), self._per_component_keys(prefix))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors)
 
     def _per_component_keys(self, prefix: str) -> list[str]:
@@ -425,25 +343,61 @@ class GECO(nn.Module):
         own = [prefix + k for k in ("log_lambdas", "c_ma", "c_hat", "gap")]
         return own + [f"{prefix}controller.{k}" for k in self.controller.component_buffers]
 
-    def _per_component(self, key: str, value: Scalars, dtype: torch.dtype) -> Tensor:
-        """Expand a float, one value per constraint, or one per component, to an ``(L,)`` tensor."""
-        if isinstance(value, int | float):
-            return torch.full((self.num_components,), float(value), dtype=dtype)
-        values = [float(v) for v in value]
-        if len(values) == len(self.dims):
-            return self._expand(values, dtype)
-        if len(values) == self.num_components:
-            return torch.tensor(values, dtype=dtype)
-        raise ConfigError(
-            f"{key} needs one value, one per constraint ({len(self.dims)}) or one per component "
-            f"({self.num_components}); got {len(values)}"
-        )
-
-    def _expand(self, per_constraint: Sequence[float], dtype: torch.dtype) -> Tensor:
-        return torch.tensor([v for v, d in zip(per_constraint, self.dims) for _ in range(d)], dtype=dtype)
-
     def extra_repr(self) -> str:
         return f"components={_short(self.component_names)}, alpha={self.alpha}, warmup={self.warmup}"
+
+
+def _per_component(key: str, value: Scalars, dims: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """Expand a float, one value per constraint (of ``dims`` components each), or one per
+    component, to an ``(L,)`` tensor."""
+    if isinstance(value, int | float):
+        return torch.full((sum(dims),), float(value), dtype=dtype)
+    values = [float(v) for v in value]
+    if len(values) == len(dims):
+        return _expand(values, dims, dtype)
+    if len(values) == sum(dims):
+        return torch.tensor(values, dtype=dtype)
+    raise ConfigError(
+        f"{key} needs one value, one per constraint ({len(dims)}) or one per component ({sum(dims)}); got {len(values)}"
+    )
+
+
+def _expand(per_constraint: Sequence[float], dims: Sequence[int], dtype: torch.dtype) -> Tensor:
+    return torch.tensor([v for v, d in zip(per_constraint, dims) for _ in range(d)], dtype=dtype)
+
+
+def _log_bounds(alpha: float, warmup: int, lambda_min: float | None, lambda_max: float | None) -> tuple[float, float]:
+    """The bounds of ``log lambda`` from ``lambda_min``/``lambda_max`` (within +-:data:`LOG_LAMBDA_LIMIT`),
+    with a ConfigError naming an option out of range."""
+    if not 0.0 <= alpha < 1.0:
+        raise ConfigError(f"alpha must be in [0, 1), got {alpha}")
+    if warmup < 0:
+        raise ConfigError(f"warmup must be >= 0, got {warmup}")
+    for key, bound in (("lambda_min", lambda_min), ("lambda_max", lambda_max)):
+        if bound is not None and not 0 < bound < math.inf:
+            raise ConfigError(f"{key} must be > 0 and finite, got {bound}")
+    if lambda_min is not None and lambda_max is not None and lambda_max < lambda_min:
+        raise ConfigError(f"lambda_max ({lambda_max}) must be >= lambda_min ({lambda_min})")
+    low = -LOG_LAMBDA_LIMIT if lambda_min is None else max(math.log(lambda_min), -LOG_LAMBDA_LIMIT)
+    high = LOG_LAMBDA_LIMIT if lambda_max is None else min(math.log(lambda_max), LOG_LAMBDA_LIMIT)
+    return low, high
+
+
+def _match_components(state_dict: dict[str, Any], extra: Any, mine: list[str], keys: Sequence[str]) -> None:
+    """Reorder the per-component entries ``keys`` of a saved state, whose extra state names its
+    components, to the order of ``mine``; a ConfigError where the two stacks differ."""
+    saved = list(extra["components"]) if isinstance(extra, dict) and "components" in extra else None
+    if saved is None or saved == mine:
+        return
+    if sorted(saved) != sorted(mine):
+        raise ConfigError(
+            f"GECO state holds the components {_short(saved)}, this GECO has {_short(mine)}: "
+            "multipliers are matched by name, so the stacks must hold the same components"
+        )
+    order = torch.tensor([saved.index(n) for n in mine])
+    for key in keys:
+        if key in state_dict:
+            state_dict[key] = state_dict[key][order]
 
 
 def _short(names: Sequence[str], limit: int = 6) -> str:

@@ -22,6 +22,7 @@ A component's status:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,7 +31,7 @@ import torch
 
 from geco_core.constraint import Units
 
-__all__ = ["ComponentState", "GecoState", "component_status", "key", "overview", "AT_BOUND", "MANY"]
+__all__ = ["ComponentState", "GecoState", "assemble", "component_status", "key", "overview", "AT_BOUND", "MANY"]
 
 AT_BOUND = 0.02
 #: a constraint with more components than this is logged and summarised as one overview
@@ -158,3 +159,47 @@ class GecoState:
         out["geco/step"] = float(self.step)
         out["geco/skipped"] = float(self.skipped)
         return out
+
+
+def assemble(
+    stack: Any, rows: Mapping[str, Sequence[float]], extra: Sequence[str], step: int, skipped: int
+) -> GecoState:
+    """:meth:`GECO.state`'s record from the host copy of its per-component columns ``rows``
+    (``c_hat``, ``c_ma``, ``lambda_``, ``beta``, ``reached``, ``gap``, ``target``,
+    ``target_reached``; where the controller has them ``unreachable``, ``best``, ``best_step``, and
+    its ``extra`` fields), NaN where a constraint has no value in kappa's units."""
+    constraints = stack.per_component(stack.constraints)
+    components = []
+    for j, name in enumerate(stack.component_names):
+        row = {k: v[j] for k, v in rows.items()}
+        reached = None if math.isnan(row["reached"]) else row["reached"]
+        target_reached = None if math.isnan(row["target_reached"]) else row["target_reached"]
+        unreachable = None if "unreachable" not in row else bool(row["unreachable"])
+        best = row.get("best", math.nan)
+        components.append(
+            ComponentState(
+                name=name,
+                constraint=stack.component_constraints[j],
+                kappa=float(constraints[j].kappa),
+                units=constraints[j].units,
+                also=getattr(constraints[j], "also", None),
+                c_hat=row["c_hat"],
+                c_ma=row["c_ma"],
+                lambda_=row["lambda_"],
+                beta=row["beta"],
+                reached=reached,
+                gap=row["gap"],
+                status=component_status(
+                    row["target"],
+                    target_reached,
+                    float(constraints[j].kappa),
+                    bool(unreachable),
+                    math.isfinite(row["c_hat"]),
+                ),
+                unreachable=unreachable,
+                best=None if math.isnan(best) else best,
+                best_step=None if math.isnan(best) else int(row["best_step"]),
+                extra={k: row[k] for k in extra},
+            )
+        )
+    return GecoState(step=step, skipped=skipped, components=tuple(components))

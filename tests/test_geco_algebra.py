@@ -202,7 +202,7 @@ def test_non_finite_value_is_skipped_and_counted(bad):
     step(geco, [bad, 0.2])
     for k, v in before.items():
         assert torch.equal(geco.state_dict()[k], v), k
-    assert int(geco.skipped) == 1 and geco.report()["geco/skipped"] == 1.0
+    assert int(geco.skipped) == 1 and geco.state().flat()["geco/skipped"] == 1.0
     step(geco, [0.3, 0.1])  # and training goes on from where it was
     assert int(geco.step) == 2
 
@@ -226,7 +226,7 @@ def test_report_gives_c_hat_c_ma_lambda_and_beta_per_component():
     geco = GECO([Values("re"), Values("cla", 2), Values("re")], controller="paper", alpha=0.5)
     geco.lagrangian(torch.zeros(2), torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.3, 0.0, 0.1, 0.6]]))
     geco.lagrangian(torch.zeros(1), torch.tensor([[0.0, 0.0, 0.0, 0.0]]))
-    r = geco.report()
+    r = geco.state().flat()
     assert geco.component_names == ["re", "cla[0]", "cla[1]", "re#2"]
     assert r["re/c_hat"] == 0.0 and r["re/c_ma"] == pytest.approx(0.1)
     assert r["cla[0]/c_ma"] == pytest.approx(0.05) and r["re#2/c_ma"] == pytest.approx(0.25)

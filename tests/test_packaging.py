@@ -22,7 +22,7 @@ USER_LOOP = textwrap.dedent("""
         x_hat = torch.sigmoid(decoder(torch.randn(32, 4))).view_as(x)
         loss = geco(torch.zeros(32), Batch(x, x_hat))
         opt.zero_grad(); loss.backward(); opt.step()
-    print("lambda", geco.report()["re/lambda"])
+    print("lambda", geco.state().flat()["re/lambda"])
 """)
 
 

@@ -185,7 +185,7 @@ def test_an_installed_plugin_stacks_with_re_in_one_geco(installed_plugins):
         geco = GECO([create_constraint("re", kappa=0.1), create_constraint("tiny", kappa=0.05)])
         x = torch.rand(4, 1, 3, 3)
         geco(torch.zeros(4), Batch(x, x.flip(0)))
-        print(sorted(geco.report()))
+        print(sorted(geco.state().flat()))
     """)
     out = subprocess.run([sys.executable, "-c", code], env=installed_plugins, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

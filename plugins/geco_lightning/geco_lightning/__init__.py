@@ -115,7 +115,7 @@ class GecoCallback(_ValidationOutputs):
         for optimizer in trainer.optimizers:
             geco.follow(optimizer)
         if trainer.global_step % trainer.log_every_n_steps == 0:
-            report = {f"geco/{k}": v for k, v in geco.report().items()}
+            report = {f"geco/{k}": v for k, v in geco.state().flat().items()}
             pl_module.log_dict(report, on_step=True, on_epoch=False, rank_zero_only=True)
 
 

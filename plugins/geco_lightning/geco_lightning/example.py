@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     )
     trainer.fit(module, loader, ckpt_path=args.resume)
     if trainer.global_rank == 0:
-        print(json.dumps({"step": trainer.global_step, **module.geco.report()}))
+        print(json.dumps({"step": trainer.global_step, **module.geco.state().flat()}))
     if trainer.world_size > 1:  # every process leaves the group, then exits without finalising
         from geco_core.training.distributed import exit_process, leave_group
 
