@@ -338,6 +338,24 @@ def test_a_run_folder_names_the_version_that_wrote_it_and_the_upgrade_is_keyed_b
     assert "validation" not in upgrade_resolved(copy.deepcopy(doc), CURRENT_FORMAT)["train"]
 
 
+def test_the_trainer_owns_the_run_state_and_callbacks_only_observe_it(tmp_path):
+    """A run resumed with the Summary callback alone (no metrics file, no checkpoints) summarises
+    the whole run as one resumed with every default callback: the records up to the checkpoint
+    are the trainer's, not the metrics file callback's."""
+    import shutil
+
+    from geco_core.training.callbacks import Summary
+
+    first = train(config=config(train={"steps": 10}), run_dir=tmp_path / "a")
+    shutil.copytree(first, tmp_path / "b")
+    resume(tmp_path / "a", steps=20)
+    resume(tmp_path / "b", steps=20, callbacks=[Summary()])
+    a, b = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("a", "b"))
+    different = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+    assert different <= {"run", "seconds", "advice", "plots"}, different
+    assert a["final"]["step"] == 20 and len(records(tmp_path / "a")) == 10
+
+
 def test_a_cpu_experiment_keeps_freed_memory_in_the_process(monkeypatch):
     """build() on a CPU tells glibc to keep freed blocks (the allocator setting measured in
     docs/BENCHMARKS.md), and on Linux the setting is accepted."""

@@ -76,15 +76,12 @@ def in_order(callbacks: Sequence[Callback]) -> list[Callback]:
 
 class MetricsFile(Callback):
     """``metrics.jsonl``: one strict-JSON line per record. On resume the lines logged after the
-    checkpoint are dropped (the resumed run logs them again) and the earlier ones become the
-    trainer's records."""
+    checkpoint are dropped (the resumed run logs them again)."""
 
     def on_fit_start(self, trainer: TrainerState) -> None:
         run = trainer.run
-        kept = [r for r in run.read_metrics() if r["step"] <= trainer.start]
-        text = "".join(strict_json(r) + "\n" for r in kept).encode()
+        text = "".join(strict_json(r) + "\n" for r in trainer.records).encode()  # those up to the start
         write_atomic(run.metrics_path, lambda f: f.write(text))
-        trainer.records[:0] = kept
         self.file = open(run.metrics_path, "a")  # noqa: SIM115 - closed in on_teardown
 
     def on_log(self, trainer: TrainerState, record: dict[str, Any]) -> None:
@@ -184,7 +181,6 @@ class Checkpointing(Callback):
 
     def on_fit_start(self, trainer: TrainerState) -> None:
         self.due = False
-        trainer.last_good_checkpoint = trainer.start if trainer.run.has_checkpoint() else None
 
     def on_step_end(self, trainer: TrainerState, metrics: dict[str, Tensor] | None) -> None:
         cfg = trainer.exp.config.train

@@ -60,6 +60,9 @@ class Trainer(TrainerState):
         self.exp.model.train()
         self.exp.objective.train()
         t0 = time.perf_counter()
+        # the run's state up to where this fit starts is the trainer's, whichever callbacks observe it
+        self.records[:0] = [r for r in self.run.read_metrics() if r["step"] <= start]
+        self.last_good_checkpoint = start if self.run.has_checkpoint() else None
         try:
             self._call("on_fit_start")
             for step in range(start, cfg.steps):

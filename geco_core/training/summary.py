@@ -17,6 +17,7 @@ import torch
 
 from geco_core.state import MANY, overview
 from geco_core.training.experiment import Experiment, evaluate_heldout, evaluating
+from geco_core.training.rng import seeded
 from geco_core.training.trainer_state import TrainerState
 
 __all__ = ["summarise", "constraint_rows", "advice", "judges_line", "grid_rows", "format_summary", "second_unit"]
@@ -156,11 +157,14 @@ def grid_rows(exp: Experiment, data, n: int = GRID_EXAMPLES) -> tuple[list[torch
 
 
 def summarise(trainer: TrainerState) -> dict[str, Any]:
-    """The summary of a finished (or stopped) run: held-out evaluation, constraint rows, the last
-    record, plots, status."""
+    """The summary of a finished (or stopped) run: held-out evaluation (one posterior draw per
+    example, from a seed of its own), constraint rows, the last record, plots, status."""
     exp, cfg = trainer.exp, trainer.exp.config
     split, data = exp.heldout if cfg.logging.eval_examples else (None, None)
-    heldout = evaluate_heldout(exp, data, cfg.logging.eval_examples) if data is not None else None
+    heldout = None
+    if data is not None:  # posterior draws of their own: the same whichever callbacks drew before
+        with seeded(exp.device, cfg.train.seed * 1_000_003 - 1):
+            heldout = evaluate_heldout(exp, data, cfg.logging.eval_examples)
     records = trainer.records
     rows = constraint_rows(exp, heldout)
     return {

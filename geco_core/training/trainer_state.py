@@ -16,8 +16,10 @@ __all__ = ["TrainerState"]
 @attrs.define(kw_only=True)
 class TrainerState:
     """What callbacks see of a fit. ``status``: ``running``, then ``finished`` or ``diverged``
-    (``reason`` says why); ``records``: every logged record of the run (read back from the folder
-    on resume); ``geco``: GECO's typed state at the last logged step; ``artifacts``: what callbacks
+    (``reason`` says why); ``records``: every logged record of the run (the trainer reads back
+    those up to its start from the folder on resume); ``last_good_checkpoint``: the step of the
+    newest checkpoint of finite state (the trainer's start where the folder holds one, then each
+    that ``Checkpointing`` writes); ``geco``: GECO's typed state at the last logged step; ``artifacts``: what callbacks
     produced for others (plot paths); ``summary``: the final summary, once written. The host's
     view of the device (``last_step_finite``, the non-finite counts) is fresh on the steps where
     ``synced`` (those that log or are due a checkpoint)."""
