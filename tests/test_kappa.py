@@ -152,6 +152,7 @@ def test_predictions_interpolate_the_way_down_log_linearly_correct_it_and_say_wh
     result = {
         "direction": "lower is tighter",
         "floor": 0.06,
+        "floor_measured": 0.065,
         "kl_at_high": 150.0,
         "curve": [{"value": 0.2, "kl": 5.0}, {"value": 0.1, "kl": 20.0}, {"value": 0.07, "kl": 80.0}],
     }

@@ -247,8 +247,8 @@ def predict(result: dict[str, Any], kappa: float) -> Prediction:
     if envelope:
         loose, tight = envelope[0], envelope[-1]
         if direction * (kappa - tight[0]) > 0:
-            floor = result["floor"] if result.get("floor") is not None else result.get("floor_measured")
-            if floor is not None and direction * (kappa - floor) <= 0 and result.get("kl_at_high") is not None:
+            floor = result["floor"] if result["floor"] is not None else result["floor_measured"]
+            if floor is not None and direction * (kappa - floor) <= 0 and result["kl_at_high"] is not None:
                 way, where = result["kl_at_high"], "held"
         elif direction * (kappa - loose[0]) <= 0:
             way, where = loose[1], "looser than measured"
@@ -579,8 +579,8 @@ def format_result(result: dict[str, Any]) -> str:
             f"  suggested kappa {_num(c['suggested_kappa'])}, the knee: the tightest worth paying for (a further 1% "
             f"of the slack costs more than {result['knee']:.0%} more KL); predicted KL "
             f"{_kl_text(c, c['suggested_kappa'])}",
-            f"  frugal kappa {_num(c.get('frugal_kappa'))}: half the knee's KL; predicted KL "
-            f"{_kl_text(c, c.get('frugal_kappa'))}",
+            f"  frugal kappa {_num(c['frugal_kappa'])}: half the knee's KL; predicted KL "
+            f"{_kl_text(c, c['frugal_kappa'])}",
             "",
             "  predicted KL: what a GECO run at kappa pays, from the finder's way down (a model trained "
             f"{result['finder_steps']} steps) as the benchmark corrected it, and the interval that held the "
@@ -590,7 +590,7 @@ def format_result(result: dict[str, Any]) -> str:
         ]
         lines += [
             f"  | {row['kappa']:g} | {_num(row['predicted_kl'], '.1f')} | "
-            f"{_num(row.get('low'), '.1f')}–{_num(row.get('high'), '.1f')} | {row.get('from', '-')} |"
+            f"{_num(row['low'], '.1f')}–{_num(row['high'], '.1f')} | {row['from']} |"
             for row in c["table"]
         ]
     return "\n".join(lines) + "\n"
@@ -604,7 +604,7 @@ def _kl_text(c: dict[str, Any], kappa: float | None) -> str:
 
 
 def _floor_text(result: dict[str, Any], c: dict[str, Any]) -> str:
-    status = c.get("floor_status", "extrapolated")
+    status = c["floor_status"]
     if status == "cannot tell":
         return (
             f"cannot tell at this length (the finder extrapolates at most {REACH}x its {result['hold_steps']} held "
@@ -643,7 +643,7 @@ def plot_result(result: dict[str, Any], path: Path) -> Path:
         )
         curve = c["curve"]
         ax.plot([q["value"] for q in curve], [q["kl"] for q in curve], color="grey", lw=1, label="way down (envelope)")
-        rows = [r for r in c["table"] if r.get("low") is not None]
+        rows = [r for r in c["table"] if r["low"] is not None]
         if rows:  # the interval around each prediction of the table
             ax.fill_between(
                 [r["kappa"] for r in rows],
@@ -659,7 +659,7 @@ def plot_result(result: dict[str, Any], path: Path) -> Path:
         marks = (("suggested_kappa", "black", "knee κ {:.4g} (tightest worth it)"), ("frugal_kappa", "tab:green",
                  "frugal κ {:.4g} (half the knee's KL)"))  # fmt: skip
         for key, colour, label in marks:
-            if c.get(key) is not None:
+            if c[key] is not None:
                 ax.axvline(c[key], color=colour, ls=":", lw=1.2, label=label.format(c[key]))
         ax.set(xlabel=f"κ: {c['units']}", ylabel="KL (nats, validation)", yscale="log", title=f"{name}: κ against KL")
         ax.legend(fontsize=8)
