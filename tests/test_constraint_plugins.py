@@ -52,8 +52,10 @@ def test_re_and_cla_stacked_on_mnist_end_with_both_satisfied(tmp_path):
         "model.latent_dim=16",
         "train.lr=2e-3",
         "train.steps=800",
+        "train.threads=1",  # the same arithmetic however busy the machine is (free cores set it otherwise)
         "constraints.0.kappa=0.25",
         "constraints.1.kappa=0.5",  # what an 800-step MLP reaches on held-out digits (robust network)
+        "constraints.1.lr=2.0",  # CLA's lambda stepping twice as fast, as configs/mnist-geco-cla.toml
         "logging.progress=false",
         "logging.plots=false",
         "logging.tensorboard=false",
