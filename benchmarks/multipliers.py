@@ -74,7 +74,7 @@ CONTROLLERS: dict[str, Any] = {
     "scaled": "scaled",
     "restart": "restart",
     "nupi": "nupi",
-    "normalised": "normalised",
+    "normalised": "scaled",  # with the normalised formulation (cell_config)
     "restart-to-start": {"name": "restart", "restart_to": "start"},
     "restart-no-margin": {"name": "restart", "margin": 0.0},
     "restart-max1e4": {"name": "restart", "max_factor": 1e4},
@@ -124,6 +124,8 @@ def cell_config(cell: str, label: str, seed: int, steps: int) -> dict[str, Any]:
                 c["form"] = "probability"  # the paper's CLA, as shipped before
     else:
         geco["controller"] = CONTROLLERS[label]
+        if label == "normalised":
+            geco["formulation"] = "normalised"
     if cell.endswith("-alone"):
         doc["constraints"] = doc["constraints"][:1]
     if kappa is not None:

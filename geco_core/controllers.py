@@ -16,7 +16,6 @@ constraints' declared scales) and its own options, never GECO itself. Per compon
                 optimiser's state is cleared
     nupi        log lambda^t = log lambda^0 + step * lr * (ki * sum_s e^s + kp * xi^t),
                 xi^t = nu * xi^(t-1) + (1 - nu) * e^t              (nuPI, Sohrabi et al. 2024)
-    normalised  scaled, with the loss formulation :class:`NormalisedLagrangian`
     ramp        lambda = s * (a climb as restart's, held high, then exponentially down): a fixed
                 schedule, the ramp of ``geco find-kappa``
 
@@ -25,6 +24,10 @@ is violated and has not improved its best relative value ``e`` (since it was las
 ``tolerance`` (of itself, where it exceeds 1) for ``patience`` updates: the constraint is reported
 ``unreachable`` (GECO's state, the summary, the progress bar) with the best value and the step it
 was reached, and lambda resumes as soon as it improves again.
+
+How lambda weighs the loss is chosen apart, as GECO's ``formulation`` (Cooper's split of the
+multiplier's update from the formulation): ``lagrangian`` (Algorithm 1's ``KL + lambda . C``) or
+``normalised`` (:class:`NormalisedLagrangian`, divided by ``1 + sum lambda / s``).
 
 Controllers register through the ``geco_register_controllers`` hook like constraints do, so a
 third-party package can ship one: subclass :class:`Controller`, set ``name``, implement ``update``.
@@ -50,12 +53,13 @@ __all__ = [
     "Formulation",
     "Lagrangian",
     "NormalisedLagrangian",
+    "FORMULATIONS",
+    "build_formulation",
     "Controller",
     "Paper",
     "Scaled",
     "Restart",
     "NuPI",
-    "Normalised",
     "Ramp",
     "DEFAULT",
 ]
@@ -132,16 +136,28 @@ class NormalisedLagrangian(Formulation):
         return (kl + (lambdas * c).sum()) / norm
 
 
+#: the loss formulations by name (``GECO(formulation=...)``)
+FORMULATIONS: dict[str, Formulation] = {f.name: f for f in (Lagrangian(), NormalisedLagrangian())}
+
+
+def build_formulation(spec: str | Formulation) -> Formulation:
+    """A formulation from its name (:data:`FORMULATIONS`) or itself."""
+    if isinstance(spec, Formulation):
+        return spec
+    if spec not in FORMULATIONS:
+        raise ConfigError(f"formulation must be one of {', '.join(FORMULATIONS)}, got {spec!r}")
+    return FORMULATIONS[spec]
+
+
 class Controller(nn.Module, abc.ABC):
-    """The rule that moves lambda. Subclasses set ``name``; ``discontinuous`` if ``update`` can
-    jump (GECO then asks the optimiser to follow, :meth:`GECO.follow`); ``formulation``, the loss
-    it pairs with; and list in ``component_buffers`` every buffer with one entry per component
-    (its state is then matched by component name when loaded)."""
+    """The rule that moves lambda (how lambda weighs the loss is GECO's ``formulation``, chosen
+    apart). Subclasses set ``name``; ``discontinuous`` if ``update`` can jump (GECO then asks the
+    optimiser to follow, :meth:`GECO.follow`); and list in ``component_buffers`` every buffer with
+    one entry per component (its state is then matched by component name when loaded)."""
 
     name: ClassVar[str] = ""
     discontinuous: ClassVar[bool] = False
     component_buffers: ClassVar[tuple[str, ...]] = ()
-    formulation: ClassVar[Formulation] = Lagrangian()
 
     def initial_log_lambdas(self, lambda_init: Tensor, multiplier_scale: Tensor) -> Tensor:
         """``log lambda^0`` from GECO's ``lambda_init`` (L,)."""
@@ -357,25 +373,17 @@ class NuPI(Scaled):
         return log_lambdas + self.step * signals.lr * (self.ki * e + self.kp * (xi - previous))
 
 
-class Normalised(Scaled):
-    """:class:`Scaled` moving lambda, with the loss of :class:`NormalisedLagrangian`:
-    ``(KL + lambda . C) / (1 + sum lambda / s)``."""
-
-    name = "normalised"
-    formulation = NormalisedLagrangian()
-
-
 class Ramp(Controller):
     """Lambda on a fixed schedule, whatever the constraint does (``geco find-kappa``'s ramp), in
     units of the natural scale ``s = multiplier_scale``: from ``start * s`` it climbs by ``rate``
     per update in ``log lambda`` (the ``restart`` controller's climb) to ``high * s``, stays there
     until ``hold`` of the ``steps`` updates are done, then falls exponentially to ``low * s`` by the
     last one: the model learns to reconstruct as a GECO run does whose kappa is out of reach, then
-    trades reconstruction for KL on the way down. The loss is :class:`NormalisedLagrangian`, so
-    Adam's moments stay valid while lambda moves by orders of magnitude."""
+    trades reconstruction for KL on the way down. Pair it with the :class:`NormalisedLagrangian`
+    (``GECO(formulation="normalised")``, as the finder does), so that Adam's moments stay valid
+    while lambda moves by orders of magnitude."""
 
     name = "ramp"
-    formulation = NormalisedLagrangian()
 
     def __init__(
         self,
@@ -413,5 +421,5 @@ class Ramp(Controller):
 
 @hookimpl
 def geco_register_controllers(register):
-    for controller in (Paper, Scaled, Restart, NuPI, Normalised, Ramp):
+    for controller in (Paper, Scaled, Restart, NuPI, Ramp):
         register(controller)

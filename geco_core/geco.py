@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from geco_core.constraint import CONFIDENCE, Batch, ConstraintLike, ConstraintStack
-from geco_core.controllers import DEFAULT, Controller, Signals
+from geco_core.controllers import DEFAULT, Controller, Formulation, Signals, build_formulation
 from geco_core.errors import ConfigError, NonFiniteConstraintError
 from geco_core.plugins import create
 from geco_core.state import GecoState, assemble
@@ -62,6 +62,9 @@ class GECO(nn.Module):
         controller: how lambda starts and moves: a registered name (``"restart"``, the default;
             ``"paper"``, Algorithm 1 exactly; ``geco controllers`` lists them), a
             ``{"name": ..., **options}`` mapping, or a :class:`~geco_core.controllers.Controller`.
+        formulation: how lambda weighs the loss, chosen apart from the controller:
+            ``"lagrangian"`` (Algorithm 1, ``KL + lambda . C``) or ``"normalised"`` (divided by
+            ``1 + sum lambda / s``, :class:`~geco_core.controllers.NormalisedLagrangian`).
         lr: step size on ``log lambda`` (Algorithm 1 only says ``Delta log lambda ∝ C``; default 1).
             A float, or one value per constraint (or per component).
         lambda_init: initial multiplier(s), > 0 (paper: 1); controllers that start from the
@@ -90,6 +93,7 @@ class GECO(nn.Module):
         *,
         alpha: float = 0.99,
         controller: str | Mapping[str, Any] | nn.Module = DEFAULT,
+        formulation: str | Formulation = "lagrangian",
         lr: Scalars = 1.0,
         lambda_init: Scalars = 1.0,
         lambda_min: float | None = None,
@@ -126,6 +130,7 @@ class GECO(nn.Module):
             raise ConfigError(f"validation_confidence must be >= 0 and finite, got {confidence}")
         self.register_buffer("confidence", _expand(confidence, self.dims, dtype), persistent=False)
         self.controller = build_controller(controller)
+        self.formulation = build_formulation(formulation)
         log_lambda0 = self.controller.initial_log_lambdas(lambda0, self.multiplier_scale)
         log_lambda0 = log_lambda0.clamp(self.log_lambda_min, self.log_lambda_max)
         self.register_buffer("log_lambdas", log_lambda0)
@@ -185,7 +190,7 @@ class GECO(nn.Module):
         if self.training:
             c_ma = self._update(c_hat.detach(), values.shape[0]).to(c_hat.dtype)
             c_hat = c_hat + (c_ma - c_hat).detach()  # C: the value of c_ma, the gradient of c_hat
-        return self.controller.formulation(kl.mean(), lambdas, c_hat, self.multiplier_scale)
+        return self.formulation(kl.mean(), lambdas, c_hat, self.multiplier_scale)
 
     @torch.no_grad()
     def _update(self, c_hat: Tensor, n: int) -> Tensor:

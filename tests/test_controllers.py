@@ -45,7 +45,7 @@ finite = st.floats(-1e30, 1e30, allow_nan=False)
 
 
 def test_every_shipped_controller_is_registered_with_a_description():
-    assert {"paper", "scaled", "restart", "nupi", "normalised"} <= set(CONTROLLERS)
+    assert {"paper", "scaled", "restart", "nupi", "ramp"} <= set(CONTROLLERS)
     for name in CONTROLLERS:
         entry = registry().get("controller", name)
         assert issubclass(entry.factory, Controller) and entry.description
@@ -207,7 +207,7 @@ def test_a_stalled_violated_component_stops_lambda_growing_and_is_reported_unrea
     assert geco.log_lambdas.item() > held
 
 
-@pytest.mark.parametrize("name", ["scaled", "restart", "nupi", "normalised"])
+@pytest.mark.parametrize("name", ["scaled", "restart", "nupi"])
 def test_a_met_constraint_that_drifts_back_above_kappa_is_not_unreachable(name):
     """The patience counts from the last time the component was satisfied: a constraint that was
     met, and is violated for fewer than ``patience`` updates, keeps pushing lambda up, although no
@@ -227,14 +227,21 @@ def test_a_met_constraint_that_drifts_back_above_kappa_is_not_unreachable(name):
     assert state.unreachable and state.best == pytest.approx(0.3)
 
 
-def test_normalised_divides_the_lagrangian_by_one_plus_the_relative_multipliers():
-    geco = make("normalised", dims=(1, 1), scales=(2.0, 8.0))
+@pytest.mark.parametrize("controller", ["scaled", "paper", "restart"])
+def test_the_normalised_formulation_divides_the_lagrangian_whatever_the_controller(controller):
+    """The formulation is chosen apart from the controller (as Cooper does): any controller's
+    lambda, the normalised loss; the default is Algorithm 1's Lagrangian."""
+    geco = make(controller, dims=(1, 1), scales=(2.0, 8.0), formulation="normalised")
+    plain = make(controller, dims=(1, 1), scales=(2.0, 8.0))
+    assert plain.formulation.name == "lagrangian" and geco.formulation.name == "normalised"
     geco.eval()
     lam = geco.lambdas
     values = torch.tensor([[0.3, -0.1]], dtype=torch.float64)
     loss = geco.lagrangian(torch.tensor([4.0], dtype=torch.float64), values)
     expected = (4.0 + (lam * values[0]).sum()) / (1 + (lam / torch.tensor([2.0, 8.0], dtype=torch.float64)).sum())
     assert loss.item() == pytest.approx(expected.item())
+    with pytest.raises(ConfigError, match="formulation must be one of lagrangian, normalised, got 'cooper'"):
+        make(controller, formulation="cooper")
 
 
 @pytest.mark.parametrize(
@@ -323,7 +330,7 @@ def test_a_constraint_lacking_part_of_the_contract_is_named():
         GECO([Bare()])
 
 
-@pytest.mark.parametrize("name", ["scaled", "restart", "nupi", "normalised"])
+@pytest.mark.parametrize("name", ["scaled", "restart", "nupi"])
 def test_scale_aware_controllers_need_no_tuning_across_constraint_scales(name):
     """The same relative violations drive multipliers whose scales differ by 1e8 the same way."""
     small = make(name, scales=(1e-3,), value_scales=[1e-4])

@@ -336,6 +336,10 @@ def test_a_run_folder_names_the_version_that_wrote_it_and_the_upgrade_is_keyed_b
     del doc["train"]["validation"]  # as 0.2.0 wrote it: no validation split
     assert upgrade_resolved(copy.deepcopy(doc), None)["train"]["validation"] == 0
     assert "validation" not in upgrade_resolved(copy.deepcopy(doc), CURRENT_FORMAT)["train"]
+    doc["objective"]["geco"]["controller"] = {"name": "normalised", "step": 0.1}  # 0.3.0's controller
+    del doc["objective"]["geco"]["formulation"]  # which 0.3.0 did not have
+    geco = upgrade_resolved(copy.deepcopy(doc), None)["objective"]["geco"]
+    assert geco["controller"] == {"name": "scaled", "step": 0.1, "margin": 0.02} and geco["formulation"] == "normalised"
 
 
 def test_the_trainer_owns_the_run_state_and_callbacks_only_observe_it(tmp_path):

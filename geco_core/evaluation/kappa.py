@@ -1,6 +1,7 @@
 """``geco find-kappa``: which kappa a GECO run can reach, and what each one costs in KL.
 
-One short run with the ``ramp`` controller (the shape of a learning-rate finder): every
+One short run with the ``ramp`` controller and the normalised Lagrangian (the shape of a
+learning-rate finder): every
 constraint's lambda is held at ``high`` times its natural scale for the first half of the steps,
 so that the model learns to reconstruct as well as it can, then falls exponentially to ``low``
 times that scale, so that the model trades reconstruction for KL on the way down. Every ``every``
@@ -44,6 +45,7 @@ from typing import Any
 import attrs
 import torch
 
+from geco_core.controllers import NormalisedLagrangian
 from geco_core.errors import ConfigError
 from geco_core.figures.run import pyplot, save_figure
 from geco_core.geco import build_controller
@@ -435,7 +437,9 @@ def find_kappa(
     ramp = {"name": "ramp", **ramp_options(n)}
     finder = attrs.evolve(
         config,
-        objective=attrs.evolve(config.objective, options={**config.objective.options, "controller": ramp}),
+        objective=attrs.evolve(
+            config.objective, options={**config.objective.options, "controller": ramp, "formulation": "normalised"}
+        ),
         train=attrs.evolve(
             config.train,
             steps=n,
@@ -536,7 +540,8 @@ class KappaFinder:
 
     def __enter__(self) -> KappaFinder:
         geco = self.geco
-        self._saved = (geco.controller, geco.may_jump, copy.deepcopy(geco.state_dict()))
+        self._saved = (geco.controller, geco.formulation, geco.may_jump, copy.deepcopy(geco.state_dict()))
+        geco.formulation = NormalisedLagrangian()  # the ramp moves lambda by five decades
         with torch.no_grad():
             geco.controller = self.ramp.to(geco.log_lambdas.device)
             start = self.ramp.initial_log_lambdas(geco.log_lambdas, geco.multiplier_scale)
@@ -548,8 +553,8 @@ class KappaFinder:
         return self
 
     def __exit__(self, *exc) -> None:
-        controller, may_jump, state = self._saved
-        self.geco.controller, self.geco.may_jump = controller, may_jump
+        controller, formulation, may_jump, state = self._saved
+        self.geco.controller, self.geco.formulation, self.geco.may_jump = controller, formulation, may_jump
         self.geco.load_state_dict(state)
 
     def due(self, step: int) -> bool:

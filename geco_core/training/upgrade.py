@@ -3,6 +3,8 @@ that they resume exactly as they were trained. Since 0.4.0 a run folder's ``conf
 version that wrote it in its first line (:func:`written_by`); one written by 0.4.0 or later needs
 nothing, and earlier ones (which name none) are recognised by their contents (CHANGELOG.md):
 
+* 0.3.0 and earlier: ``controller = "normalised"`` becomes ``controller = "scaled"`` with
+  ``formulation = "normalised"`` (the same run).
 * 0.2.0, before validation existed (no ``train.validation``): no validation split (``validation = 0``),
   and the controllers' ``margin`` keeps its old default 0.02.
 * geco 0.1.0 also wrote every objective's options into one ``[objective]`` table and had no
@@ -41,7 +43,7 @@ LEGACY_OPTIONS = {
 
 
 #: controllers whose ``margin`` defaulted to 0.02 before validation existed
-MARGIN_CONTROLLERS = ("scaled", "restart", "nupi", "normalised")
+MARGIN_CONTROLLERS = ("scaled", "restart", "nupi")
 
 
 def upgrade_resolved(data: dict[str, Any], version: tuple[int, ...] | None = None) -> dict[str, Any]:
@@ -51,6 +53,12 @@ def upgrade_resolved(data: dict[str, Any], version: tuple[int, ...] | None = Non
     objective = data.get("objective")
     if (version is not None and version >= CURRENT_FORMAT) or not isinstance(objective, dict):
         return data
+    geco = objective.get("geco")
+    if isinstance(geco, dict):  # before 0.4.0 the "normalised" controller was scaled + the normalised loss
+        controller = geco.get("controller")
+        if controller == "normalised" or (isinstance(controller, dict) and controller.get("name") == "normalised"):
+            geco["controller"] = "scaled" if controller == "normalised" else {**controller, "name": "scaled"}
+            geco["formulation"] = "normalised"
     train = data.setdefault("train", {})
     if isinstance(train, dict) and "validation" not in train:  # trained before validation existed
         train["validation"] = 0
