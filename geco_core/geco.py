@@ -106,7 +106,7 @@ class GECO(nn.Module):
     ) -> None:
         super().__init__()
         self.stack = ConstraintStack(constraints)
-        self.log_lambda_min, self.log_lambda_max = _log_bounds(alpha, warmup, lambda_min, lambda_max)
+        self.log_lambda_min, self.log_lambda_max = _checked_options(alpha, warmup, lambda_min, lambda_max)
         self.constraints = nn.ModuleList([c for c in constraints if isinstance(c, nn.Module)])  # moved by .to
         self.dims = self.stack.dims
         self.component_names = self.stack.component_names
@@ -371,9 +371,11 @@ def _expand(per_constraint: Sequence[float], dims: Sequence[int], dtype: torch.d
     return torch.tensor([v for v, d in zip(per_constraint, dims) for _ in range(d)], dtype=dtype)
 
 
-def _log_bounds(alpha: float, warmup: int, lambda_min: float | None, lambda_max: float | None) -> tuple[float, float]:
-    """The bounds of ``log lambda`` from ``lambda_min``/``lambda_max`` (within +-:data:`LOG_LAMBDA_LIMIT`),
-    with a ConfigError naming an option out of range."""
+def _checked_options(
+    alpha: float, warmup: int, lambda_min: float | None, lambda_max: float | None
+) -> tuple[float, float]:
+    """GECO's scalar options checked (a ConfigError naming one out of range), and the bounds of
+    ``log lambda`` they give: ``lambda_min``/``lambda_max`` within +-:data:`LOG_LAMBDA_LIMIT`."""
     if not 0.0 <= alpha < 1.0:
         raise ConfigError(f"alpha must be in [0, 1), got {alpha}")
     if warmup < 0:

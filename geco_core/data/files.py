@@ -7,22 +7,24 @@ unless every image is grayscale), and brought to ``size`` (``fit = "resize"`` st
 same size. Sub-folders are classes: their sorted names become labels 0, 1, ... (images directly in
 the folder then are refused; a folder of images alone has no labels).
 
-The decoded images are written once as raw uint8 ``(N, C, H, W)`` (``<name>.u8`` with a JSON
-description) into ``.geco-cache`` beside the data, or under the data root where that folder cannot
-be written; the cache is keyed by the files (names, sizes, times) and the options, so a second run
-starts at once and a changed folder is decoded again. ``memory_map = true`` trains from that file
-memory-mapped, reading only the rows of each batch (a data set larger than memory); otherwise it is
-read whole into memory. The ``test`` split is a fixed ``test_fraction`` of the examples drawn by
-``seed``; ``train`` the rest.
+The decoded images are written once, one image at a time, as raw uint8 ``(N, C, H, W)``
+(``<name>.u8`` with its shape in JSON) into ``.geco-cache`` beside the data, or under the data root
+where that folder cannot be written; the cache is keyed by the files (names, sizes, times) and the
+options, so a second run starts at once and a changed folder is decoded again. ``memory_map =
+true`` trains from that file memory-mapped, reading only the rows of each batch (a data set larger
+than memory); otherwise it is read whole into memory. The ``test`` split is a fixed
+``test_fraction`` of the examples drawn by ``seed``; ``train`` the rest.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -57,10 +59,7 @@ def folder(
     stamp = [(str(f.relative_to(base)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     key = _key({"files": stamp, "size": hw, "fit": fit, "channels": channels})
 
-    def decode() -> tuple[torch.Tensor, dict]:
-        return _decode(files, hw, fit, channels), {"classes": classes}
-
-    images, meta = _cached(base, key, decode, memory_map, root)
+    images = _cached(base, key, lambda sink: _decode(files, hw, fit, channels, sink), memory_map, root)
     label_tensor = torch.tensor(labels, dtype=torch.int64) if classes else None
     return _split(images, label_tensor, split, seed, test_fraction, memory_map)
 
@@ -134,75 +133,86 @@ def _size(size: int | list[int] | None) -> tuple[int, int] | None:
     return hw
 
 
-def _decode(files: list[Path], hw: tuple[int, int] | None, fit: str, channels: int | None) -> torch.Tensor:
-    """Every file as uint8 ``(N, C, H, W)``; one line naming a file that cannot be read or whose
-    size differs where no size is given."""
+def _decode(files: list[Path], hw: tuple[int, int] | None, fit: str, channels: int | None, sink: BinaryIO) -> tuple:
+    """Every file as uint8 ``(C, H, W)`` rows written in turn to ``sink``, one image decoded at a
+    time; returns the shape ``(N, C, H, W)``. One line naming a file that cannot be read, or whose
+    size differs from the first's where no size is given."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
-    opened = []
-    for f in files:
+    def opened(f: Path) -> Image.Image:
         try:
-            with Image.open(f) as img:
-                img.load()
-                opened.append(img.copy())
+            return Image.open(f)
         except (OSError, UnidentifiedImageError) as exc:
             raise DataError(f"data.path: cannot read image {f} ({str(exc).splitlines()[0]})") from None
+
+    headers = []  # (mode, (width, height)) from each file's header, nothing decoded yet
+    for f in files:
+        with opened(f) as img:
+            headers.append((img.mode, img.size))
     if channels is None:
-        channels = 1 if all(img.mode in ("1", "L", "I;16", "I") for img in opened) else 3
-    mode = "L" if channels == 1 else "RGB"
-    first = opened[0].size
-    out = None
-    for i, (f, img) in enumerate(zip(files, opened)):
-        img = img.convert(mode)
-        if hw is None:
-            if img.size != first:
+        channels = 1 if all(mode in ("1", "L", "I;16", "I") for mode, _ in headers) else 3
+    if hw is None:
+        first = headers[0][1]
+        for f, (_, size) in zip(files, headers):
+            if size != first:
                 raise DataError(
-                    f"data.path: {f} is {img.size[0]}x{img.size[1]}, {files[0].name} {first[0]}x{first[1]}: "
+                    f"data.path: {f} is {size[0]}x{size[1]}, {files[0].name} {first[0]}x{first[1]}: "
                     "give data.size to bring them to one size"
                 )
-        else:
+    for f in files:
+        with opened(f) as img:
+            try:
+                img = img.convert("L" if channels == 1 else "RGB")
+            except OSError as exc:
+                raise DataError(f"data.path: cannot read image {f} ({str(exc).splitlines()[0]})") from None
+        if hw is not None:
             if fit == "crop":
                 side = min(img.size)
                 left, top = (img.size[0] - side) // 2, (img.size[1] - side) // 2
                 img = img.crop((left, top, left + side, top + side))
             img = img.resize((hw[1], hw[0]), Image.Resampling.BILINEAR)
-        array = np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], channels)
-        if out is None:
-            out = torch.empty(len(files), channels, array.shape[0], array.shape[1], dtype=torch.uint8)
-        out[i] = torch.from_numpy(array.copy()).permute(2, 0, 1)
-    return out
+        pixels = np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], channels)
+        sink.write(pixels.transpose(2, 0, 1).tobytes())
+    height, width = hw if hw is not None else (headers[0][1][1], headers[0][1][0])
+    return len(files), channels, height, width
 
 
 def _key(description: dict) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _cached(base: Path, key: str, decode, memory_map: bool, root: str | None) -> tuple[torch.Tensor, dict]:
-    """The decoded images from the cache (written first where missing): memory-mapped or read whole."""
-    for folder in (base / ".geco-cache", resolve_root(root) / "folder-cache" / _key({"path": str(base.resolve())})):
+def _cached(base: Path, key: str, decode, memory_map: bool, root: str | None) -> torch.Tensor:
+    """The decoded images from the cache, written first (``decode(sink)``, straight into the file)
+    where missing: memory-mapped or read whole."""
+    folders = (base / ".geco-cache", resolve_root(root) / "folder-cache" / _key({"path": str(base.resolve())}))
+    for folder in folders:
         data, meta = folder / f"{key}.u8", folder / f"{key}.json"
         if data.is_file() and meta.is_file():
-            return _load(data, json.loads(meta.read_text()), memory_map)
-    images, extra = decode()
-    description = {"shape": list(images.shape), **extra}
-    for folder in (base / ".geco-cache", resolve_root(root) / "folder-cache" / _key({"path": str(base.resolve())})):
+            return _load(data, json.loads(meta.read_text())["shape"], memory_map)
+    for folder in folders:
+        partial = folder / f"{key}.u8.partial"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            partial = folder / f"{key}.u8.partial"
-            images.contiguous().numpy().tofile(partial)
-            os.replace(partial, folder / f"{key}.u8")
-            (folder / f"{key}.json").write_text(json.dumps(description))
+            sink = open(partial, "wb")  # noqa: SIM115 - closed below
         except OSError:
             continue
-        return _load(folder / f"{key}.u8", description, memory_map)
-    return images, description  # no writable cache anywhere: decoded each run
+        try:
+            with sink:
+                shape = decode(sink)
+            os.replace(partial, folder / f"{key}.u8")
+            (folder / f"{key}.json").write_text(json.dumps({"shape": list(shape)}))
+        finally:
+            partial.unlink(missing_ok=True)
+        return _load(folder / f"{key}.u8", shape, memory_map)
+    sink = io.BytesIO()  # no writable cache anywhere: decoded into memory, each run
+    shape = decode(sink)
+    return torch.frombuffer(bytearray(sink.getvalue()), dtype=torch.uint8).view(shape)
 
 
-def _load(path: Path, meta: dict, memory_map: bool) -> tuple[torch.Tensor, dict]:
-    shape = tuple(meta["shape"])
-    images = torch.from_file(str(path), shared=False, size=math.prod(shape), dtype=torch.uint8).view(shape)
-    return (images if memory_map else images.clone()), meta
+def _load(path: Path, shape, memory_map: bool) -> torch.Tensor:
+    images = torch.from_file(str(path), shared=False, size=math.prod(shape), dtype=torch.uint8).view(tuple(shape))
+    return images if memory_map else images.clone()
 
 
 def _as_uint8(images: torch.Tensor, file: Path) -> torch.Tensor:

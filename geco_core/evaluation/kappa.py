@@ -412,7 +412,12 @@ def default_steps(budget: int) -> int:
     """The finder's default length for runs of ``budget`` steps: :data:`FINDER_STEPS`, longer where
     its floor would have to reach further than :data:`REACH` times its held part, never longer
     than the budget."""
-    return min(budget, max(FINDER_STEPS, math.ceil(budget / (REACH * HOLD))))
+    return min(budget, max(FINDER_STEPS, telling_steps(budget)))
+
+
+def telling_steps(budget: int) -> int:
+    """The shortest finder whose floor reaches ``budget`` (its held part times :data:`REACH`)."""
+    return math.ceil(budget / (REACH * HOLD))
 
 
 def find_kappa(
@@ -613,7 +618,7 @@ def _floor_text(result: dict[str, Any], c: dict[str, Any]) -> str:
     if status == "cannot tell":
         return (
             f"cannot tell at this length (the finder extrapolates at most {REACH}x its {result['hold_steps']} held "
-            f"steps: run it with --steps {math.ceil(result['budget'] / (REACH * HOLD))} or more); best measured "
+            f"steps: run it with --steps {telling_steps(result['budget'])} or more); best measured "
             f"{_num(c['floor_measured'])}"
         )
     return f"{_num(c['floor'])} ({status}; best measured {_num(c['floor_measured'])})"

@@ -41,7 +41,7 @@ epoch's values to :meth:`GECO.validate`, which tightens GECO's target by the gen
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +71,11 @@ def _geco_of(pl_module: L.LightningModule, attribute: str) -> GECO:
 
 class _ValidationOutputs(L.Callback):
     """Collects ``validation_step``'s outputs under ``keys`` over one validation epoch (not the
-    sanity check) and hands them, concatenated, to :meth:`measured`."""
+    sanity check) and hands them, concatenated, to ``measured(pl_module, *tensors)``."""
 
-    keys: tuple[str, ...] = (VALUES,)
+    def __init__(self, keys: tuple[str, ...], measured: Callable[..., None]) -> None:
+        super().__init__()
+        self.keys, self.measured = keys, measured
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._outputs: dict[str, list[torch.Tensor]] = {k: [] for k in self.keys}
@@ -85,10 +87,7 @@ class _ValidationOutputs(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and all(self._outputs.values()):
-            self.measured(trainer, pl_module, *(torch.cat(self._outputs[k]) for k in self.keys))
-
-    def measured(self, trainer: L.Trainer, pl_module: L.LightningModule, *outputs: torch.Tensor) -> None:
-        raise NotImplementedError
+            self.measured(pl_module, *(torch.cat(self._outputs[k]) for k in self.keys))
 
 
 class GecoCallback(_ValidationOutputs):
@@ -99,14 +98,11 @@ class GecoCallback(_ValidationOutputs):
     (held-out kappa; nothing where it returns none)."""
 
     def __init__(self, attribute: str = "geco") -> None:
-        super().__init__()
+        super().__init__((VALUES,), lambda pl_module, values: self.geco(pl_module).validate(values))
         self.attribute = attribute
 
     def geco(self, pl_module: L.LightningModule) -> GECO:
         return _geco_of(pl_module, self.attribute)
-
-    def measured(self, trainer: L.Trainer, pl_module: L.LightningModule, values: torch.Tensor) -> None:
-        self.geco(pl_module).validate(values)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -117,18 +113,6 @@ class GecoCallback(_ValidationOutputs):
         if trainer.global_step % trainer.log_every_n_steps == 0:
             report = {f"geco/{k}": v for k, v in geco.state().flat().items()}
             pl_module.log_dict(report, on_step=True, on_epoch=False, rank_zero_only=True)
-
-
-class _FinderProbe(_ValidationOutputs):
-    """Feeds each validation epoch's constraint values and KL to a :class:`KappaFinder`."""
-
-    keys = (VALUES, KL)
-
-    def __init__(self, finder: KappaFinder) -> None:
-        self.finder = finder
-
-    def measured(self, trainer: L.Trainer, pl_module: L.LightningModule, values, kl) -> None:
-        self.finder.probe(int(self.finder.geco.step), values, kl)
 
 
 def find_kappa(
@@ -164,7 +148,10 @@ def find_kappa(
     weights = copy.deepcopy(module.state_dict())
     try:
         with finder:
-            L.Trainer(callbacks=[_FinderProbe(finder)], **options).fit(module, train_dataloaders, val_dataloaders)
+            probe = _ValidationOutputs(
+                (VALUES, KL), lambda _, values, kl: finder.probe(int(finder.geco.step), values, kl)
+            )
+            L.Trainer(callbacks=[probe], **options).fit(module, train_dataloaders, val_dataloaders)
     finally:
         module.load_state_dict(weights)
     return finder.result(folder)
