@@ -12,8 +12,11 @@ is trained on one of these recipes (chosen by ``benchmarks/cla_networks.py``):
   training.
 - ``pgd``: ``steps`` signed-gradient steps of ``2.5 eps / steps`` from a random start, projected
   to the L-inf ball (Madry et al. 2018); about ``steps + 1`` times standard training.
+- ``pgd-l2``: the same in the L2 ball (``|delta|_2 <= eps`` over the 784 pixels): steps along the
+  normalised gradient, projected by rescaling; robust models of this norm have the gradients used
+  to synthesise images (Santurkar et al. 2019).
 
-Pixels are in [0, 1] throughout; ``eps`` is in pixel units (L-inf).
+Pixels are in [0, 1] throughout; ``eps`` is in pixel units (L-inf, or L2 for ``pgd-l2``).
 """
 
 from __future__ import annotations
@@ -24,11 +27,15 @@ from torch import Tensor, nn
 
 __all__ = ["RECIPES", "perturbation", "pgd_attack", "robust_accuracy"]
 
-RECIPES = ("standard", "noise", "fgsm-rs", "pgd")
+RECIPES = ("standard", "noise", "fgsm-rs", "pgd", "pgd-l2")
 
 
 def _uniform(x: Tensor, eps: float, g: torch.Generator | None) -> Tensor:
     return (torch.rand(x.shape, generator=g, device=x.device) * 2 - 1) * eps
+
+
+def _l2_norm(t: Tensor) -> Tensor:
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).reshape(-1, *[1] * (t.dim() - 1))
 
 
 def pgd_attack(
@@ -39,17 +46,26 @@ def pgd_attack(
     steps: int,
     step_size: float | None = None,
     g: torch.Generator | None = None,
+    norm: str = "linf",
 ) -> Tensor:
-    """``x + delta`` with ``|delta|_inf <= eps`` and pixels in [0, 1] that raises the cross-entropy of
-    ``y``: a random start, then ``steps`` signed-gradient steps of ``step_size`` (default
-    ``2.5 eps / steps``), each projected back. ``steps = 1, step_size = 1.25 eps`` is FGSM-RS."""
+    """``x + delta`` with ``|delta|_inf <= eps`` (``norm="l2"``: ``|delta|_2 <= eps``) and pixels in
+    [0, 1] that raises the cross-entropy of ``y``: a random start, then ``steps`` steps of
+    ``step_size`` (default ``2.5 eps / steps``) along the gradient's sign (L2: the gradient over its
+    norm), each projected back. ``steps = 1, step_size = 1.25 eps`` is FGSM-RS."""
     step_size = 2.5 * eps / steps if step_size is None else step_size
     delta = _uniform(x, eps, g)
+    if norm == "l2":  # a random point of the L2 ball's shell at radius eps * u, u ~ U(0, 1)
+        radius = torch.rand(len(x), generator=g, device=x.device).reshape(-1, *[1] * (x.dim() - 1)) * eps
+        delta = delta / _l2_norm(delta) * radius
     for _ in range(steps):
         delta.requires_grad_(True)
         loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
         (grad,) = torch.autograd.grad(loss, delta)
-        delta = (delta.detach() + step_size * grad.sign()).clamp(-eps, eps)
+        if norm == "l2":
+            delta = delta.detach() + step_size * grad / _l2_norm(grad)
+            delta = delta * (eps / _l2_norm(delta)).clamp(max=1.0)
+        else:
+            delta = (delta.detach() + step_size * grad.sign()).clamp(-eps, eps)
     return (x + delta).clamp(0, 1).detach()
 
 
@@ -64,6 +80,8 @@ def perturbation(recipe: str, eps: float, pgd_steps: int = 7):
         return lambda model, x, y, g: pgd_attack(model, x, y, eps, steps=1, step_size=1.25 * eps, g=g)
     if recipe == "pgd":
         return lambda model, x, y, g: pgd_attack(model, x, y, eps, steps=pgd_steps, g=g)
+    if recipe == "pgd-l2":
+        return lambda model, x, y, g: pgd_attack(model, x, y, eps, steps=pgd_steps, g=g, norm="l2")
     raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
 
 

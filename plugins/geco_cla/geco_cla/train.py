@@ -52,10 +52,13 @@ def main() -> None:
     parser.add_argument("--no-augment", action="store_true", help="no random rotations and shifts")
     parser.add_argument("--recipe", default="standard", choices=RECIPES, help="training inputs (default: %(default)s)")
     parser.add_argument(
-        "--eps", type=float, default=0.3, help="L-inf radius or noise std, pixels (default: %(default)s)"
+        "--eps",
+        type=float,
+        default=0.3,
+        help="L-inf radius (L2 for pgd-l2) or noise std, pixels (default: %(default)s)",
     )
     parser.add_argument(
-        "--pgd-steps", type=int, default=7, help="attack steps of the pgd recipe (default: %(default)s)"
+        "--pgd-steps", type=int, default=7, help="attack steps of the pgd and pgd-l2 recipes (default: %(default)s)"
     )
     parser.add_argument("--pgd-eval", type=int, default=10000, help="test images attacked by PGD-40 (default: all)")
     parser.add_argument("--attack-eps", type=float, default=0.3, help="L-inf radius of PGD-40 (default: %(default)s)")
