@@ -217,7 +217,7 @@ def run_interval(out: str, cell: str, kappa: float) -> dict[str, Any]:
         train(REPO / "configs" / path, overrides=sets, run_dir=folder)
     summary = Run.open(folder).read_summary()
     first = summary["constraints"][0]
-    return {"cell": cell, "kappa": kappa, "kl": summary["heldout"]["kl"], "heldout": first["heldout_reached"]}
+    return {"cell": cell, "kappa": kappa, "kl": summary["heldout"]["kl"], "heldout": first.heldout_reached}
 
 
 def intervals_report(out: Path) -> str:

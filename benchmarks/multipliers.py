@@ -181,18 +181,18 @@ def run_cell(out: str, cell: str, label: str, seed: int, steps: int) -> dict[str
     run = Run.open(folder)
     summary, records = run.read_summary(), run.read_metrics()
     first = summary["constraints"][0]
-    component = first["component"]
+    component = first.component
     lambdas = [r.get(f"{component}/lambda") for r in records if r.get(f"{component}/lambda") is not None]
     satisfied = next((r["step"] for r in records if (r.get(f"{component}/c_ma") or 1) <= 0), None)
     row = {
         "cell": cell,
         "controller": label,
         "seed": seed,
-        "kappa": first["kappa"],
-        "heldout": first.get("heldout_reached", first.get("heldout_value")),
-        "heldout_value": first.get("heldout_value"),
-        "twin_heldout": first.get("heldout_twin_reached"),  # a learned constraint under its twin network
-        "statuses": [c.get("status") for c in summary["constraints"]],
+        "kappa": first.kappa,
+        "heldout": first.heldout,
+        "heldout_value": first.heldout_value,
+        "twin_heldout": next((j.reached for j in first.judges if j.name == "twin"), None),  # a learned constraint
+        "statuses": [c.status for c in summary["constraints"]],
         "kl": summary["heldout"]["kl"],
         "rmse": summary["heldout"]["rmse"],
         "max_lambda": max(lambdas) if lambdas else None,

@@ -218,7 +218,7 @@ def breakdown(objective: str, rounds: int = 150) -> None:
     median = statistics.median
     bare_us, geco_us = (median(times[k]) / BLOCK * 1e6 for k in ("bare loop", "geco's step"))
     print(f"per step (median of {rounds} interleaved blocks of {BLOCK}): bare {bare_us:.0f} us, geco {geco_us:.0f} us; "
-          f"may_jump at the end: {getattr(exp.geco, 'may_jump', None)}")  # fmt: skip
+          f"may_restart at the end: {getattr(exp.geco, 'may_restart', None)}")  # fmt: skip
 
     def cost(without: str) -> float:
         """geco's step minus ``without``'s, per step: the median over neighbouring blocks."""

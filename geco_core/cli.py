@@ -40,7 +40,7 @@ def _list(kind: str) -> int:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
     if not entries:
-        print(f"(no {kind}s installed)")
+        print(f"(no {kind if kind.endswith('s') else kind + 's'} installed)")
     for failure in reg.failures:
         print(f"broken {failure}", file=sys.stderr)
     return 0
@@ -186,8 +186,8 @@ def _plot(args: argparse.Namespace) -> int:
         records = run.read_metrics()
         if not records:
             raise ConfigError(f"{run.path} has no metrics.jsonl to plot")
-        rows = (run.read_summary() or {}).get("constraints", [])
-        kappa = rows[0]["kappa"] if rows and "c_ma" in rows[0] else None  # a kappa the run enforced
+        rows = (run.read_summary() or {"constraints": []})["constraints"]
+        kappa = rows[0].kappa if rows and rows[0].enforced else None  # a kappa the run enforced
         runs.append((f"{run.path.parent.name}/{run.path.name}", records, kappa))
     print(plot_curves(runs, Path(args.out)))
     return 0
@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser = functools.partial(sub.add_parser, formatter_class=_ShowDefaults)
     for kind in HOOKS:
-        p = sub.add_parser(f"{kind}s", help=f"list the installed {kind}s and where they come from")
+        kinds = kind if kind.endswith("s") else f"{kind}s"  # features: feature networks
+        p = sub.add_parser(kinds, help=f"list the installed {kinds} and where they come from")
         p.set_defaults(run=lambda args, kind=kind: _list(kind))
 
     p = sub.add_parser("train", help="train from a TOML config into a new run folder")

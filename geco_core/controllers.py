@@ -151,12 +151,12 @@ def build_formulation(spec: str | Formulation) -> Formulation:
 
 class Controller(nn.Module, abc.ABC):
     """The rule that moves lambda (how lambda weighs the loss is GECO's ``formulation``, chosen
-    apart). Subclasses set ``name``; ``discontinuous`` if ``update`` can jump (GECO then asks the
-    optimiser to follow, :meth:`GECO.follow`); and list in ``component_buffers`` every buffer with
+    apart). Subclasses set ``name``; ``restarts`` if ``update`` can restart lambda, a jump (GECO
+    then asks the optimiser to follow, :meth:`GECO.follow`); and list in ``component_buffers`` every buffer with
     one entry per component (its state is then matched by component name when loaded)."""
 
     name: ClassVar[str] = ""
-    discontinuous: ClassVar[bool] = False
+    restarts: ClassVar[bool] = False
     component_buffers: ClassVar[tuple[str, ...]] = ()
 
     def initial_log_lambdas(self, lambda_init: Tensor, multiplier_scale: Tensor) -> Tensor:
@@ -168,21 +168,22 @@ class Controller(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def update(self, log_lambdas: Tensor, signals: Signals) -> tuple[Tensor, Tensor]:
-        """The new ``log lambda`` (before GECO's bounds) and a scalar bool: whether this step jumped.
+        """The new ``log lambda`` (before GECO's bounds) and a scalar bool: whether this step restarted
+        a multiplier.
         Own buffers change only where ``signals.finite``."""
 
     def progress(self, signals: Signals) -> Progress:
         """What this controller reports of each component (nothing by default)."""
         return Progress()
 
-    def may_jump(self) -> Tensor | None:
-        """A scalar bool tensor: whether ``update`` can still jump (a discontinuous controller that
-        jumps a bounded number of times says when it is done); None: as ``discontinuous``."""
+    def may_restart(self) -> Tensor | None:
+        """A scalar bool tensor: whether ``update`` can still restart (a controller that restarts a
+        bounded number of times says when it is done); None: as ``restarts``."""
         return None
 
     @staticmethod
-    def no_jump(like: Tensor) -> Tensor:
-        """The scalar ``False`` that :meth:`update` returns for a continuous step."""
+    def no_restart(like: Tensor) -> Tensor:
+        """The scalar ``False`` that :meth:`update` returns for a step that restarts nothing."""
         return torch.zeros((), dtype=torch.bool, device=like.device)
 
 
@@ -192,7 +193,7 @@ class Paper(Controller):
     name = "paper"
 
     def update(self, log_lambdas: Tensor, signals: Signals) -> tuple[Tensor, Tensor]:
-        return log_lambdas + signals.lr * signals.c_ma, self.no_jump(log_lambdas)
+        return log_lambdas + signals.lr * signals.c_ma, self.no_restart(log_lambdas)
 
 
 class Scaled(Controller):
@@ -246,7 +247,7 @@ class Scaled(Controller):
         e = signals.c_ma / signals.value_scale
         proposed = self.integrate(log_lambdas, (e + self.margin).clamp(-1, self.clip), signals)
         proposed = torch.minimum(proposed, (signals.multiplier_scale * self.max_factor).log())
-        return self.hold_on_plateau(log_lambdas, proposed, e, signals), self.no_jump(log_lambdas)
+        return self.hold_on_plateau(log_lambdas, proposed, e, signals), self.no_restart(log_lambdas)
 
     def integrate(self, log_lambdas: Tensor, e: Tensor, signals: Signals) -> Tensor:
         return log_lambdas + self.step * signals.lr * e
@@ -290,7 +291,7 @@ class Restart(Scaled):
     wound-up multiplier leaves behind."""
 
     name = "restart"
-    discontinuous = True
+    restarts = True
     component_buffers = (*Scaled.component_buffers, "violated", "restarted", "log_lambda0")
     RESTART_TO = ("start", "midway")
 
@@ -328,8 +329,8 @@ class Restart(Scaled):
     def progress(self, signals: Signals) -> Progress:
         return attrs.evolve(super().progress(signals), extra={"restarted": self.restarted})
 
-    def may_jump(self) -> Tensor:
-        """Each component restarts once at most: no more jumps once every one has."""
+    def may_restart(self) -> Tensor:
+        """Each component restarts once at most: no more once every one has."""
         return ~self.restarted.all()
 
 
@@ -416,7 +417,7 @@ class Ramp(Controller):
 
     def update(self, log_lambdas: Tensor, signals: Signals) -> tuple[Tensor, Tensor]:
         scheduled = (signals.multiplier_scale * self.factor(signals.step.double())).log()
-        return scheduled.to(log_lambdas.dtype), self.no_jump(log_lambdas)
+        return scheduled.to(log_lambdas.dtype), self.no_restart(log_lambdas)
 
 
 @hookimpl

@@ -35,8 +35,9 @@ from torch import Tensor, nn
 from geco_core.constraint import CONFIDENCE, Batch, ConstraintLike, ConstraintStack
 from geco_core.controllers import DEFAULT, Controller, Formulation, Signals, build_formulation
 from geco_core.errors import ConfigError, NonFiniteConstraintError
+from geco_core.optim import scale_optimizer_state
 from geco_core.plugins import create
-from geco_core.state import GecoState, assemble
+from geco_core.state import GecoState, snapshot
 
 __all__ = ["GECO", "LOG_LAMBDA_LIMIT", "build_controller"]
 
@@ -81,10 +82,9 @@ class GECO(nn.Module):
         dtype: of the buffers (float32; float64 for exact comparisons). Constraint values are cast
             to it, so bf16 constraints still feed a float32 moving average.
 
-    Buffers (in ``state_dict``, moved by ``.to``): ``log_lambdas``, ``c_ma``, ``c_hat`` (last batch),
-    ``step`` (updates applied), ``skipped`` (updates refused for a non-finite ``c_hat``) and the
-    controller's own. They change only in training mode. The state carries the component names: it
-    loads into a GECO whose stack holds the same components in any order, matched by name.
+    Buffers (in ``state_dict``, moved by ``.to``, changed only in training mode): ``log_lambdas``,
+    ``c_ma``, ``c_hat`` (last batch), ``gap``, ``step`` (updates applied), ``skipped`` (updates refused
+    for a non-finite ``c_hat``), the controller's own; matched by component name when loaded.
     """
 
     def __init__(
@@ -108,27 +108,13 @@ class GECO(nn.Module):
         self.stack = ConstraintStack(constraints)
         self.log_lambda_min, self.log_lambda_max = _checked_options(alpha, warmup, lambda_min, lambda_max)
         self.constraints = nn.ModuleList([c for c in constraints if isinstance(c, nn.Module)])  # moved by .to
-        self.dims = self.stack.dims
-        self.component_names = self.stack.component_names
+        self.dims, self.component_names = self.stack.dims, self.stack.component_names
+        self.num_components = sum(self.dims)  # L, the length of the constraint vector
         self.alpha, self.ma_init, self.warmup, self.strict, self.sync = float(alpha), ma_init, int(warmup), strict, sync
-
-        lambda0 = _per_component("lambda_init", lambda_init, self.dims, dtype)
-        if not ((lambda0 > 0) & torch.isfinite(lambda0)).all():
-            raise ConfigError(f"lambda_init must be > 0 and finite, got {lambda_init}")
-        scales = [(float(c.multiplier_scale), float(c.value_scale)) for c in constraints]
-        for c, pair in zip(constraints, scales):
-            if not all(0 < s < math.inf for s in pair):
-                raise ConfigError(f"constraint {c.name!r}: multiplier_scale and value_scale must be > 0, got {pair}")
-        steps = _per_component("lr", lr, self.dims, dtype)
-        if not ((steps > 0) & torch.isfinite(steps)).all():
-            raise ConfigError(f"lr must be > 0 and finite, got {lr}")
-        self.register_buffer("lr", steps, persistent=False)
-        self.register_buffer("multiplier_scale", _expand([s for s, _ in scales], self.dims, dtype), persistent=False)
-        self.register_buffer("value_scale", _expand([v for _, v in scales], self.dims, dtype), persistent=False)
-        confidence = [float(getattr(c, "validation_confidence", CONFIDENCE)) for c in constraints]
-        if not all(0 <= z < math.inf for z in confidence):
-            raise ConfigError(f"validation_confidence must be >= 0 and finite, got {confidence}")
-        self.register_buffer("confidence", _expand(confidence, self.dims, dtype), persistent=False)
+        options = _component_options(constraints, self.dims, lr=lr, lambda_init=lambda_init, dtype=dtype)
+        lambda0 = options.pop("lambda_init")
+        for name, value in options.items():  # lr, multiplier_scale, value_scale, confidence
+            self.register_buffer(name, value, persistent=False)
         self.controller = build_controller(controller)
         self.formulation = build_formulation(formulation)
         log_lambda0 = self.controller.initial_log_lambdas(lambda0, self.multiplier_scale)
@@ -140,22 +126,10 @@ class GECO(nn.Module):
         self.register_buffer("validated", torch.zeros((), dtype=torch.bool))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped", torch.zeros((), dtype=torch.long))
-        # 0 after a step whose multiplier update jumped, else 1: what follow multiplies Adam's state by
-        self.register_buffer("keep", torch.ones(()), persistent=False)
+        self.register_buffer("restarted", torch.zeros((), dtype=torch.bool), persistent=False)  # in the last step
         self.controller.setup(log_lambda0)
-        #: whether the controller can still jump, as the host last knew it (:meth:`state` reads it)
-        self.may_jump = self.controller.discontinuous
-
-    # --- the stack, by name --------------------------------------------------------------------
-
-    @property
-    def num_components(self) -> int:
-        """L, the length of the constraint vector."""
-        return self.stack.num_components
-
-    def split(self, tensor: Tensor) -> dict[str, Tensor]:
-        """Views of a ``(..., L)`` tensor, one ``(..., dim)`` per constraint, by constraint name."""
-        return self.stack.split(tensor)
+        #: whether the controller can still restart lambda, as the host last knew it (:meth:`state`)
+        self.may_restart = self.controller.restarts
 
     @property
     def lambdas(self) -> Tensor:
@@ -197,23 +171,21 @@ class GECO(nn.Module):
         """Moving average and multiplier update; returns the new ``c_ma``. Free of host syncs unless
         ``strict`` or the controller needs one: a non-finite ``c_hat`` leaves every buffer but
         ``c_hat`` and ``skipped`` as it is."""
-        c_hat = self._all_processes_mean(c_hat.to(self.c_ma.dtype), n)
+        c_hat = _mean_over_processes(c_hat.to(self.c_ma.dtype), n, self.sync)
         finite = torch.isfinite(c_hat).all()
         if self.strict and not finite:
-            raise NonFiniteConstraintError(
-                f"non-finite constraint value at step {int(self.step)}: "
-                + ", ".join(f"{k}={v:g}" for k, v in zip(self.component_names, c_hat.tolist()))
-            )
+            values = ", ".join(f"{k}={v:g}" for k, v in zip(self.component_names, c_hat.tolist()))
+            raise NonFiniteConstraintError(f"non-finite constraint value at step {int(self.step)}: {values}")
         safe = torch.where(finite, c_hat, self.c_ma)  # keeps NaN out of every later computation
         blended = self.alpha * self.c_ma + (1.0 - self.alpha) * safe
         c_ma = blended if self.ma_init is not None else torch.where(self.step == 0, safe, blended)
-        log_lambdas, jumped = self.controller.update(self.log_lambdas, self._signals(c_ma + self.gap, finite))
+        log_lambdas, restarted = self.controller.update(self.log_lambdas, self._signals(c_ma + self.gap, finite))
         log_lambdas = log_lambdas.clamp(self.log_lambda_min, self.log_lambda_max)
         if self.warmup:
             log_lambdas = torch.where(self.step >= self.warmup, log_lambdas, self.log_lambdas)
         self.c_ma.copy_(torch.where(finite, c_ma, self.c_ma))
         self.log_lambdas.copy_(torch.where(finite, log_lambdas, self.log_lambdas))
-        self.keep.copy_(~(finite & jumped))
+        self.restarted.copy_(finite & restarted)
         self.c_hat.copy_(c_hat)
         self.step.add_(finite.long())
         self.skipped.add_((~finite).long())
@@ -226,17 +198,11 @@ class GECO(nn.Module):
 
         GECO keeps the generalisation gap ``gap = bound - c_ma``, ``bound`` the validation mean plus
         the constraint's ``validation_confidence`` standard errors (default :data:`CONFIDENCE`, a
-        one-sided 95% bound on the mean of data like the validation examples), the first
-        measurement as it is, then the mean of each new one with the gap so far; its controller
-        drives ``c_ma + gap`` to ``<= 0``. So the target tightens by what held-out data lacks, and
-        by how uncertain that is: held-out data meets kappa, not only the training batches. A
-        non-finite measurement is ignored."""
-        v = values.detach().to(self.c_ma.dtype)
-        stats = self._all_processes_sum(torch.cat([v.sum(0), v.square().sum(0), v.new_tensor([len(v)])]))
-        n = stats[-1].clamp(min=2)
-        mean = stats[: self.num_components] / n
-        variance = (stats[self.num_components : -1] / n - mean.square()).clamp(min=0) * n / (n - 1)
-        gap = mean + self.confidence * (variance / n).sqrt() - self.c_ma
+        one-sided 95% bound), the first measurement as it is, then the mean of each new one with the
+        gap so far; the controller drives ``c_ma + gap`` to ``<= 0``, so held-out data meets kappa,
+        not only the training batches. A non-finite measurement is ignored."""
+        bound = _upper_bound(values.detach().to(self.c_ma.dtype), self.confidence, self.sync)
+        gap = bound - self.c_ma
         finite = torch.isfinite(gap).all()
         blended = torch.where(self.validated, (self.gap + gap) / 2, gap)
         self.gap.copy_(torch.where(finite, blended, self.gap))
@@ -245,39 +211,13 @@ class GECO(nn.Module):
     def _signals(self, c_ma: Tensor, finite: Tensor) -> Signals:
         return Signals(c_ma, self.step, finite, self.lr, self.multiplier_scale, self.value_scale)
 
-    def _all_processes_mean(self, c_hat: Tensor, n: int) -> Tensor:
-        """Exact mean over every process's examples: all-reduce of (n * c_hat, n)."""
-        if not self._synced():
-            return c_hat
-        total = self._all_processes_sum(torch.cat([c_hat * n, c_hat.new_tensor([float(n)])]))
-        return total[:-1] / total[-1]
-
-    def _all_processes_sum(self, total: Tensor) -> Tensor:
-        """``total`` summed over every process (itself, alone)."""
-        if self._synced():
-            dist.all_reduce(total)
-        return total
-
-    def _synced(self) -> bool:
-        return self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
     def follow(self, optimizer: torch.optim.Optimizer) -> None:
-        """Make ``optimizer`` follow a discontinuous change of lambda. Call it after every
-        ``optimizer.step()``: when the controller restarted a multiplier in this step, every tensor
-        of the optimiser's state is multiplied by 0, so that Adam's moment estimates (sized by the
-        old lambda's gradients) and its step count start afresh, as after ``state.clear()``. The
-        decision is taken on the device (no host sync); controllers that move lambda continuously
-        (``paper``), and a ``restart`` whose every component has restarted (``may_jump``, known on
-        the host after :meth:`state`), never reset anything and cost nothing here."""
-        if not (self.controller.discontinuous and self.may_jump):
-            return
-        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for state in optimizer.state.values():
-            for value in state.values():
-                if isinstance(value, Tensor):
-                    by_kind.setdefault((value.device, value.dtype), []).append(value)
-        for (device, dtype), tensors in by_kind.items():
-            torch._foreach_mul_(tensors, self.keep.to(device=device, dtype=dtype))
+        """Make ``optimizer`` follow a restart of lambda; call it after every ``optimizer.step()``.
+        Where the controller restarted a multiplier in this step, the optimiser's state is multiplied
+        by 0 on the device (Adam starts afresh as after ``state.clear()``, without a host sync); free
+        for controllers that never restart or no longer can (``may_restart``, as :meth:`state` read it)."""
+        if self.controller.restarts and self.may_restart:
+            scale_optimizer_state(optimizer, (~self.restarted).float())
 
     # --- reports and state ---------------------------------------------------------------------
 
@@ -285,40 +225,10 @@ class GECO(nn.Module):
         """The multipliers after the last step: one typed record per component (name, kappa,
         ``c_hat``, ``c_ma``, lambda, beta, the value reached in kappa's units, status, best value and
         step, the controller's own; :class:`~geco_core.state.ComponentState`). One host sync."""
-        target = self.target
-        progress = self.controller.progress(self._signals(target, self.step.new_ones((), dtype=torch.bool)))
-        lambdas = self.lambdas
-        columns = {
-            "c_hat": self.c_hat,
-            "c_ma": self.c_ma,
-            "lambda_": lambdas,
-            "beta": lambdas.reciprocal(),
-            "reached": self.stack.reached(self.c_ma),
-            "gap": self.gap,
-            "target": target,
-            "target_reached": self.stack.reached(target),
-        }
-        if progress.unreachable is not None:
-            best = self.stack.reached(progress.best)
-            columns.update(
-                unreachable=progress.unreachable,
-                best=torch.where(best.isnan(), progress.best, best),  # value units where nothing is reached
-                best_step=progress.best_step,
-            )
-        columns.update(progress.extra)
-        may_jump = self.controller.may_jump()
-        scalars = [self.step, self.skipped, may_jump if may_jump is not None else self.step.new_tensor(1)]
-        table = torch.cat(
-            [
-                torch.stack([c.to(torch.float64) for c in columns.values()]).flatten(),
-                *(s.reshape(1).to(torch.float64) for s in scalars),
-            ]
-        ).tolist()  # the one host read
-        step, skipped, jumps = (int(v) for v in table[-3:])
-        self.may_jump = self.controller.discontinuous and bool(jumps)
-        size = self.num_components
-        rows = {name: table[i * size : (i + 1) * size] for i, name in enumerate(columns)}
-        return assemble(self.stack, rows, list(progress.extra), step, skipped)
+        signals = self._signals(self.target, self.step.new_ones((), dtype=torch.bool))
+        record, may_restart = snapshot(self, self.controller.progress(signals), self.controller.may_restart())
+        self.may_restart = self.controller.restarts and may_restart
+        return record
 
     @property
     def target(self) -> Tensor:
@@ -332,24 +242,70 @@ class GECO(nn.Module):
     def set_extra_state(self, state: Any) -> None:
         pass  # read (and acted on) in _load_from_state_dict, before the buffers are loaded
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
-        """Match the saved multipliers to this stack by component name (reordering them if the
-        stack lists the same components in another order); a different stack is refused."""
-        for key in ("gap", "validated"):  # states written before validation existed: no gap measured
-            state_dict.setdefault(prefix + key, getattr(self, key).new_zeros(getattr(self, key).shape))
-        extra = state_dict.get(prefix + "_extra_state")
-        if extra is None:  # a state from geco 0.1.0, stored by position: taken as it is
-            state_dict[prefix + "_extra_state"] = extra = self.get_extra_state()
-        _match_components(state_dict, extra, list(self.component_names), self._per_component_keys(prefix))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors)
-
-    def _per_component_keys(self, prefix: str) -> list[str]:
-        """State keys of every buffer with one entry per component (GECO's and the controller's)."""
-        own = [prefix + k for k in ("log_lambdas", "c_ma", "c_hat", "gap")]
-        return own + [f"{prefix}controller.{k}" for k in self.controller.component_buffers]
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        _match_components(self, state_dict, prefix)  # before the buffers are loaded
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         return f"components={_short(self.component_names)}, alpha={self.alpha}, warmup={self.warmup}"
+
+
+def _component_options(
+    constraints: Sequence[ConstraintLike], dims: Sequence[int], *, lr: Scalars, lambda_init: Scalars, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """GECO's per-component options as ``(L,)`` tensors, each checked (a ConfigError naming one out
+    of range): ``lr`` and ``lambda_init`` as given, each constraint's ``multiplier_scale``,
+    ``value_scale`` and ``validation_confidence``."""
+    options = {
+        "lr": _per_component("lr", lr, dims, dtype),
+        "lambda_init": _per_component("lambda_init", lambda_init, dims, dtype),
+    }
+    for key, value in options.items():
+        if not ((value > 0) & torch.isfinite(value)).all():
+            raise ConfigError(f"{key} must be > 0 and finite, got {lr if key == 'lr' else lambda_init}")
+    for c in constraints:
+        pair = (float(c.multiplier_scale), float(c.value_scale))
+        if not all(0 < s < math.inf for s in pair):
+            raise ConfigError(f"constraint {c.name!r}: multiplier_scale and value_scale must be > 0, got {pair}")
+    confidence = [float(getattr(c, "validation_confidence", CONFIDENCE)) for c in constraints]
+    if not all(0 <= z < math.inf for z in confidence):
+        raise ConfigError(f"validation_confidence must be >= 0 and finite, got {confidence}")
+    options["multiplier_scale"] = _expand([float(c.multiplier_scale) for c in constraints], dims, dtype)
+    options["value_scale"] = _expand([float(c.value_scale) for c in constraints], dims, dtype)
+    options["confidence"] = _expand(confidence, dims, dtype)
+    return options
+
+
+def _synced(sync: bool) -> bool:
+    return sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _sum_over_processes(total: Tensor, sync: bool) -> Tensor:
+    """``total`` summed over every process under ``torch.distributed`` with ``sync`` (else itself)."""
+    if _synced(sync):
+        dist.all_reduce(total)
+    return total
+
+
+def _mean_over_processes(c_hat: Tensor, n: int, sync: bool) -> Tensor:
+    """Exact mean over every process's ``n`` examples: all-reduce of ``(n * c_hat, n)``."""
+    if not _synced(sync):
+        return c_hat
+    total = _sum_over_processes(torch.cat([c_hat * n, c_hat.new_tensor([float(n)])]), sync)
+    return total[:-1] / total[-1]
+
+
+def _upper_bound(values: Tensor, confidence: Tensor, sync: bool) -> Tensor:
+    """``(L,)``: the mean of ``values`` ``(n, L)`` (every process's, with ``sync``) plus
+    ``confidence`` standard errors, ``mean + z * sqrt(var / n)``, var the unbiased variance."""
+    L = values.shape[1]
+    stats = _sum_over_processes(
+        torch.cat([values.sum(0), values.square().sum(0), values.new_tensor([len(values)])]), sync
+    )
+    n = stats[-1].clamp(min=2)
+    mean = stats[:L] / n
+    variance = (stats[L:-1] / n - mean.square()).clamp(min=0) * n / (n - 1)
+    return mean + confidence * (variance / n).sqrt()
 
 
 def _per_component(key: str, value: Scalars, dims: Sequence[int], dtype: torch.dtype) -> Tensor:
@@ -390,19 +346,26 @@ def _checked_options(
     return low, high
 
 
-def _match_components(state_dict: dict[str, Any], extra: Any, mine: list[str], keys: Sequence[str]) -> None:
-    """Reorder the per-component entries ``keys`` of a saved state, whose extra state names its
-    components, to the order of ``mine``; a ConfigError where the two stacks differ."""
-    saved = list(extra["components"]) if isinstance(extra, dict) and "components" in extra else None
-    if saved is None or saved == mine:
+def _match_components(geco: GECO, state_dict: dict[str, Any], prefix: str) -> None:
+    """Reorder the per-component entries of a saved state (GECO's buffers and the controller's
+    ``component_buffers``), whose extra state names its components, to ``geco``'s order; a
+    ConfigError where the two stacks differ. A state from before validation gets no gap; one from
+    geco 0.1.0 (no names) is taken by position."""
+    for key in ("gap", "validated"):
+        state_dict.setdefault(prefix + key, getattr(geco, key).new_zeros(getattr(geco, key).shape))
+    extra = state_dict.setdefault(prefix + "_extra_state", None) or geco.get_extra_state()
+    state_dict[prefix + "_extra_state"] = extra
+    saved, mine = extra.get("components") if isinstance(extra, dict) else None, list(geco.component_names)
+    if saved is None or list(saved) == mine:
         return
     if sorted(saved) != sorted(mine):
         raise ConfigError(
             f"GECO state holds the components {_short(saved)}, this GECO has {_short(mine)}: "
             "multipliers are matched by name, so the stacks must hold the same components"
         )
-    order = torch.tensor([saved.index(n) for n in mine])
-    for key in keys:
+    order = torch.tensor([list(saved).index(n) for n in mine])
+    keys = [prefix + k for k in ("log_lambdas", "c_ma", "c_hat", "gap")]
+    for key in keys + [f"{prefix}controller.{k}" for k in geco.controller.component_buffers]:
         if key in state_dict:
             state_dict[key] = state_dict[key][order]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["grad_norm", "finite_step", "step_where", "step_unless", "step_if_finite"]
+__all__ = ["grad_norm", "finite_step", "scale_optimizer_state", "step_where", "step_unless", "step_if_finite"]
 
 
 def grad_norm(optimizer: torch.optim.Optimizer, clip: float | None = None) -> Tensor:
@@ -70,3 +70,16 @@ def step_if_finite(optimizer: torch.optim.Optimizer, loss: Tensor, *values: Tens
     finite = torch.stack([finite_step(loss, grad_norm(optimizer)), *(torch.isfinite(v).all() for v in values)]).all()
     step_where(optimizer, finite)
     return finite
+
+
+def scale_optimizer_state(optimizer: torch.optim.Optimizer, factor: Tensor) -> None:
+    """Multiply every tensor of the optimiser's state (moments, step counts) by the scalar tensor
+    ``factor``, on the device, one fused multiply per device and dtype: ``factor = 0`` starts
+    Adam afresh as ``state.clear()`` would, without a host sync."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, Tensor):
+                by_kind.setdefault((value.device, value.dtype), []).append(value)
+    for (device, dtype), tensors in by_kind.items():
+        torch._foreach_mul_(tensors, factor.to(device=device, dtype=dtype))

@@ -31,7 +31,7 @@ import torch
 
 from geco_core.constraint import Units
 
-__all__ = ["ComponentState", "GecoState", "assemble", "component_status", "key", "overview", "AT_BOUND", "MANY"]
+__all__ = ["ComponentState", "GecoState", "snapshot", "component_status", "key", "overview", "AT_BOUND", "MANY"]
 
 AT_BOUND = 0.02
 #: a constraint with more components than this is logged and summarised as one overview
@@ -161,13 +161,50 @@ class GecoState:
         return out
 
 
-def assemble(
+def snapshot(geco: Any, progress: Any, may_restart: torch.Tensor | None) -> tuple[GecoState, bool]:
+    """:meth:`GECO.state`'s record of ``geco`` after a step, given its controller's ``progress``
+    (:class:`~geco_core.controllers.Progress`) and ``may_restart``; and whether the controller may
+    still restart (the host's copy). Every per-component column is read in one host sync."""
+    target = geco.target
+    lambdas = geco.lambdas
+    columns = {
+        "c_hat": geco.c_hat,
+        "c_ma": geco.c_ma,
+        "lambda_": lambdas,
+        "beta": lambdas.reciprocal(),
+        "reached": geco.stack.reached(geco.c_ma),
+        "gap": geco.gap,
+        "target": target,
+        "target_reached": geco.stack.reached(target),
+    }
+    if progress.unreachable is not None:
+        best = geco.stack.reached(progress.best)
+        columns.update(
+            unreachable=progress.unreachable,
+            best=torch.where(best.isnan(), progress.best, best),  # value units where nothing is reached
+            best_step=progress.best_step,
+        )
+    columns.update(progress.extra)
+    scalars = [geco.step, geco.skipped, may_restart if may_restart is not None else geco.step.new_tensor(1)]
+    table = torch.cat(
+        [
+            torch.stack([c.to(torch.float64) for c in columns.values()]).flatten(),
+            *(s.reshape(1).to(torch.float64) for s in scalars),
+        ]
+    ).tolist()  # the one host read
+    step, skipped, restarts = (int(v) for v in table[-3:])
+    size = geco.num_components
+    rows = {name: table[i * size : (i + 1) * size] for i, name in enumerate(columns)}
+    return _assemble(geco.stack, rows, list(progress.extra), step, skipped), bool(restarts)
+
+
+def _assemble(
     stack: Any, rows: Mapping[str, Sequence[float]], extra: Sequence[str], step: int, skipped: int
 ) -> GecoState:
-    """:meth:`GECO.state`'s record from the host copy of its per-component columns ``rows``
-    (``c_hat``, ``c_ma``, ``lambda_``, ``beta``, ``reached``, ``gap``, ``target``,
-    ``target_reached``; where the controller has them ``unreachable``, ``best``, ``best_step``, and
-    its ``extra`` fields), NaN where a constraint has no value in kappa's units."""
+    """The record from the host copy of the per-component columns ``rows`` (``c_hat``, ``c_ma``,
+    ``lambda_``, ``beta``, ``reached``, ``gap``, ``target``, ``target_reached``; where the
+    controller has them ``unreachable``, ``best``, ``best_step``, and its ``extra`` fields), NaN
+    where a constraint has no value in kappa's units."""
     constraints = stack.per_component(stack.constraints)
     components = []
     for j, name in enumerate(stack.component_names):

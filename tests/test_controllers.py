@@ -130,16 +130,16 @@ def test_restart_drops_lambda_once_when_a_violated_component_turns_satisfied(res
     for _ in range(5):
         step(geco, [1.0, 1.0])  # both violated: lambda climbs by e^0.5 a step
     assert geco.lambdas == pytest.approx(torch.full((2,), 10.0 * math.exp(2.5), dtype=torch.float64))
-    assert not bool(geco.keep == 0)
+    assert not bool(geco.restarted)
     step(geco, [-0.5, 1.0])  # the first turns satisfied and restarts, the second goes on
     peak = math.log(10.0) + 2.5 - 0.25  # where its update would have taken it
     restarted = math.log(10.0) if restart_to == "start" else (math.log(10.0) + peak) / 2
     assert geco.log_lambdas[0].item() == pytest.approx(restarted)
     assert geco.lambdas[1].item() == pytest.approx(10.0 * math.exp(3.0))
-    assert bool(geco.keep == 0) and geco.state().components[0].extra == {"restarted": 1.0}
+    assert bool(geco.restarted) and geco.state().components[0].extra == {"restarted": 1.0}
     step(geco, [1.0, 1.0])
     step(geco, [-0.5, 1.0])  # satisfied again: no second restart
-    assert not bool(geco.keep == 0)
+    assert not bool(geco.restarted)
     assert geco.log_lambdas[0].item() == pytest.approx(restarted + 0.5 - 0.25)
 
 
@@ -147,7 +147,7 @@ def test_restart_never_fires_for_a_component_satisfied_from_the_start():
     geco = make({"name": "restart", "patience": 0}, alpha=0.0)
     for _ in range(5):
         step(geco, [-0.3])
-        assert not bool(geco.keep == 0)
+        assert not bool(geco.restarted)
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -171,7 +171,7 @@ def test_follow_resets_the_optimisers_state_after_a_restart_as_clearing_it_would
             o.step()
         step(geco, [c])
         geco.follow(opt)
-        if bool(geco.keep == 0):
+        if bool(geco.restarted):
             ref_opt.state.clear()
 
     for c in (1.0, 1.0, -1.0, -1.0, 1.0):
@@ -310,11 +310,11 @@ def test_state_of_another_stack_is_refused_with_one_line():
 def test_split_and_constraints_by_name_follow_the_stack():
     geco = GECO([Values("re"), Values("cla", 3), Values("re")])
     assert list(geco.stack.by_name) == ["re", "cla", "re#2"]
-    parts = geco.split(torch.arange(5.0))
+    parts = geco.stack.split(torch.arange(5.0))
     assert {k: v.tolist() for k, v in parts.items()} == {"re": [0.0], "cla": [1.0, 2.0, 3.0], "re#2": [4.0]}
     assert geco.component_names == ["re", "cla[0]", "cla[1]", "cla[2]", "re#2"]
     with pytest.raises(ValueError, match="last dimension of 5"):
-        geco.split(torch.zeros(2, 4))
+        geco.stack.split(torch.zeros(2, 4))
 
 
 def test_a_constraint_lacking_part_of_the_contract_is_named():
@@ -359,12 +359,12 @@ def test_a_run_with_a_kappa_no_model_can_reach_ends_unreachable_with_lambda_held
     )
     run = Run.open(train(config=cfg, run_dir=tmp_path / "run"))
     (row,) = run.read_summary()["constraints"]
-    assert row["status"] == "unreachable" and 0 <= row["best_step"] < 150 and row["best"] > 1e-4
+    assert row.status == "unreachable" and 0 <= row.best_step < 150 and row.best > 1e-4
     records = run.read_metrics()
     assert records[-1]["test-mae/unreachable"] == 1.0
-    held = [r["test-mae/lambda"] for r in records if r["step"] > row["best_step"] + 30]
+    held = [r["test-mae/lambda"] for r in records if r["step"] > row.best_step + 30]
     assert held and max(held) <= held[0] * (1 + 1e-6)  # no growth once stalled
-    assert f"unreachable (best {row['best']:.4g} at step {row['best_step']})" in format_summary(run.read_summary())
+    assert f"unreachable (best {row.best:.4g} at step {row.best_step})" in format_summary(run.read_summary())
 
 
 # --- the typed state -----------------------------------------------------------------------------

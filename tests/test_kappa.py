@@ -21,7 +21,7 @@ from geco_core.geco import CONFIDENCE
 from geco_core.models.base import DiagonalGaussian, Output
 from geco_core.models.vae import GaussianVAE
 from geco_core.plugins import Entry, registry
-from geco_core.training import Config, train
+from geco_core.training import Config, Run, train
 
 # --- the ramp ------------------------------------------------------------------------------------
 
@@ -392,7 +392,8 @@ def test_a_summary_shows_kappa_and_the_reached_values_in_db_beside_the_rmse(tmp_
     (row,) = summary["constraints"]
     assert row["kappa"] == pytest.approx(0.1) and row["kappa_psnr"] == pytest.approx(20.0)
     assert row["heldout_reached_psnr"] == pytest.approx(-20 * math.log10(row["heldout_reached"]))
-    assert f"0.1000 (20.0 dB)  {row['reached']:.4f} ({row['reached_psnr']:.1f} dB)" in format_summary(summary)
+    text = format_summary(Run.open(run).read_summary())
+    assert f"0.1000 (20.0 dB)  {row['reached']:.4f} ({row['reached_psnr']:.1f} dB)" in text
 
 
 def test_the_fingerprint_is_the_data_model_and_constraint_stack_whatever_the_settings():
@@ -470,7 +471,7 @@ def test_an_unreachable_kappa_is_explained_with_what_to_do(tmp_path):
         constraints=[{"name": "test-mae", "kappa": 1e-4}],
         train={"steps": 120, "log_every": 5, "lr": 1e-7},
     )
-    summary = json.loads((train(config=cfg, run_dir=tmp_path / "run") / "summary.json").read_text())
+    summary = Run.open(train(config=cfg, run_dir=tmp_path / "run")).read_summary()
     (line,) = summary["advice"]
     assert "test-mae: kappa 0.0001 is out of reach at this budget; the best it reached was" in line
     assert "geco find-kappa" in line and "train.steps" in line and "max_factor" in line

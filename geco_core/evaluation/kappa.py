@@ -123,7 +123,7 @@ def probe_point(geco, step: int, values: torch.Tensor, kl: torch.Tensor) -> dict
     components), their mean ``kl`` ``(n,)`` (nats) and lambda / natural scale, at ``step``."""
     means = values.detach().float().mean(0)
     points = {}
-    for (name, part), constraint in zip(geco.split(means).items(), geco.stack.constraints):
+    for (name, part), constraint in zip(geco.stack.split(means).items(), geco.stack.constraints):
         mean = part.mean().reshape(1)
         reached = constraint.reached(mean)
         points[name] = float(mean if reached is None else reached)
@@ -545,7 +545,7 @@ class KappaFinder:
 
     def __enter__(self) -> KappaFinder:
         geco = self.geco
-        self._saved = (geco.controller, geco.formulation, geco.may_jump, copy.deepcopy(geco.state_dict()))
+        self._saved = (geco.controller, geco.formulation, geco.may_restart, copy.deepcopy(geco.state_dict()))
         geco.formulation = NormalisedLagrangian()  # the ramp moves lambda by five decades
         with torch.no_grad():
             geco.controller = self.ramp.to(geco.log_lambdas.device)
@@ -554,12 +554,12 @@ class KappaFinder:
             for buffer in (geco.step, geco.c_ma, geco.gap, geco.validated):
                 buffer.zero_()
         self.ramp.setup(geco.log_lambdas)
-        geco.may_jump = False
+        geco.may_restart = False
         return self
 
     def __exit__(self, *exc) -> None:
-        controller, formulation, may_jump, state = self._saved
-        self.geco.controller, self.geco.formulation, self.geco.may_jump = controller, formulation, may_jump
+        controller, formulation, may_restart, state = self._saved
+        self.geco.controller, self.geco.formulation, self.geco.may_restart = controller, formulation, may_restart
         self.geco.load_state_dict(state)
 
     def due(self, step: int) -> bool:

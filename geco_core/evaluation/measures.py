@@ -47,7 +47,7 @@ from geco_core.errors import ConfigError
 from geco_core.evaluation.realism import feature_network_for, frechet_distances
 from geco_core.models.base import VAE, DiagonalGaussian, Posterior
 from geco_core.training import Experiment, Run, build, evaluate_heldout, evaluating, strict_json, write_atomic
-from geco_core.training.summary import constraint_rows, judges_line, second_unit
+from geco_core.training.summary import constraint_rows
 
 __all__ = [
     "quantised_normal_log_prob",
@@ -406,12 +406,11 @@ def format_report(report: dict[str, Any]) -> str:
     elif realism:
         lines.append(f"Fréchet dist.  -  ({realism['reason']})")
     for row in report["constraints"]:
-        value = row.get("heldout_reached", row.get("heldout_value"))
-        if value is not None:
-            mine = f"{value:.4f}{second_unit(row, 'heldout_reached')}"
-            kappa = f"{row['kappa']}{second_unit(row, 'kappa')}"
-            lines.append(f"{row['component']:<14} {mine}  vs kappa {kappa}  ({row.get('status', '-')})")
-        judged = judges_line(row)
+        if row.heldout is not None:
+            mine = f"{row.heldout:.4f}{row.second('heldout_reached')}"
+            kappa = f"{row.kappa}{row.second('kappa')}"
+            lines.append(f"{row.component:<14} {mine}  vs kappa {kappa}  ({row.status or '-'})")
+        judged = row.judges_line()
         if judged:
             lines.append(judged)
     return "\n".join(lines)

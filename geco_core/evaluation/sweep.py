@@ -23,6 +23,7 @@ from geco_core.errors import ConfigError, GecoError
 from geco_core.plugins import registry
 from geco_core.training import Config, Run, load_config, resume, strict_json, train, write_atomic
 from geco_core.training.machine import free_cores
+from geco_core.training.rows import ConstraintRow
 
 __all__ = ["plan", "sweep", "run_name", "table", "eval_defaults"]
 
@@ -116,12 +117,13 @@ def _evaluation(run_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
     if run.eval_path.is_file():
         report = json.loads(run.eval_path.read_text())
         if report.get("options") == options and report.get("step") == run.checkpoint_step():
+            report["constraints"] = [ConstraintRow.from_json(row) for row in report["constraints"]]
             return report
     return evaluate_run(run_dir, **options)
 
 
 def _point(group: str, stem: str, name: str, report: dict[str, Any]) -> dict[str, Any]:
-    first = report["constraints"][0] if report["constraints"] else {}
+    rows: list[ConstraintRow] = report["constraints"]
     return {
         "group": group,
         "config": stem,
@@ -130,8 +132,8 @@ def _point(group: str, stem: str, name: str, report: dict[str, Any]) -> dict[str
         "constrained": _constrained(report["objective"]),
         "kappa": report["kappas"][0] if report["kappas"] else None,
         "rmse": report["heldout"]["rmse"],
-        "reached": first.get("heldout_reached", first.get("heldout_value")),
-        "status": first.get("status"),
+        "reached": rows[0].heldout if rows else None,
+        "status": rows[0].status if rows else None,
         "kl": report["average_kl"]["nats"],
         "marginal_kl": report["marginal_kl"]["nats"],
         "marginal_kl_stderr": report["marginal_kl"].get("stderr"),

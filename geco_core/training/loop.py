@@ -2,8 +2,8 @@
 
 Each step: forward, the objective's loss, backward, then the optimiser step, unless the loss or a
 gradient is not finite (that step is skipped and counted; ``train.max_nonfinite_steps`` in a row
-stop the run as diverged). After the step, GECO's multipliers may have jumped (a controller
-restart): :meth:`GECO.follow` then clears the optimiser's state. Every ``validate_every`` steps
+stop the run as diverged). After the step, a controller may have restarted a multiplier
+(:meth:`GECO.follow` then clears the optimiser's state). Every ``validate_every`` steps
 every constraint is measured on the validation split, and GECO tightens its targets by the gap
 (:meth:`Experiment.validate`). Every ``log_every`` steps the loop
 builds one record (a dict of floats, from the objective's metrics and GECO's typed state), keeps it

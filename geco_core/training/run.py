@@ -33,6 +33,7 @@ import torch
 
 from geco_core.errors import CheckpointError, ConfigError, RunFolderError
 from geco_core.training.config import Config, load_config
+from geco_core.training.rows import ConstraintRow
 
 __all__ = ["Run", "CHECKPOINT", "write_atomic", "load_checkpoint", "strict_json", "nonfinite_entries"]
 
@@ -105,9 +106,13 @@ def _float_leaves(state: Any, prefix: str = "") -> Iterator[tuple[str, torch.Ten
 
 
 def strict_json(obj: Any, indent: int | None = None) -> str:
-    """Strict JSON (``NaN`` and ``Infinity`` are not JSON): non-finite floats become null."""
+    """Strict JSON (``NaN`` and ``Infinity`` are not JSON): non-finite floats become null; a record
+    with a ``to_json`` method (a summary's :class:`~geco_core.training.rows.ConstraintRow`) is
+    written as what that returns."""
 
     def clean(v: Any) -> Any:
+        if hasattr(v, "to_json"):
+            return clean(v.to_json())
         if isinstance(v, float):
             return v if math.isfinite(v) else None
         if isinstance(v, dict):
@@ -222,7 +227,13 @@ class Run:
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
 
     def read_summary(self) -> dict[str, Any] | None:
-        return json.loads(self.summary_path.read_text()) if self.summary_path.is_file() else None
+        """The run's ``summary.json`` (None before it ends), its constraint rows typed
+        (:class:`~geco_core.training.rows.ConstraintRow`)."""
+        if not self.summary_path.is_file():
+            return None
+        summary = json.loads(self.summary_path.read_text())
+        summary["constraints"] = [ConstraintRow.from_json(r) for r in summary.get("constraints", [])]
+        return summary
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

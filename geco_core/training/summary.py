@@ -18,14 +18,15 @@ import torch
 from geco_core.state import MANY, overview
 from geco_core.training.experiment import Experiment, evaluate_heldout, evaluating
 from geco_core.training.rng import seeded
+from geco_core.training.rows import CONVERTED, ConstraintRow, Judged, SecondUnit
 from geco_core.training.trainer_state import TrainerState
 
-__all__ = ["summarise", "constraint_rows", "advice", "judges_line", "grid_rows", "format_summary", "second_unit"]
+__all__ = ["summarise", "constraint_rows", "advice", "grid_rows", "format_summary"]
 
 GRID_EXAMPLES = 8
 
 
-def constraint_rows(exp: Experiment, heldout: dict[str, Any] | None) -> list[dict[str, Any]]:
+def constraint_rows(exp: Experiment, heldout: dict[str, Any] | None) -> list[ConstraintRow]:
     """One row per component (one per constraint of more than :data:`MANY` components)."""
     stack = exp.stack
     if stack is None:
@@ -45,15 +46,13 @@ def constraint_rows(exp: Experiment, heldout: dict[str, Any] | None) -> list[dic
             row.update(overview(group) if group else {})
             if means is not None:
                 row["heldout_satisfied_fraction"] = float((means[components] <= 0).float().mean())
-            rows.append(row)
+            rows.append(ConstraintRow(**row))
             continue
         for j, i in enumerate(components):
             row = {**base, "component": stack.component_names[i]}
             if group:
                 state = group[j]
-                row.update(c_ma=state.c_ma, **{"lambda": state.lambda_, "beta": state.beta})
-                if state.reached is not None:
-                    row["reached"] = state.reached
+                row.update(c_ma=state.c_ma, lambda_=state.lambda_, beta=state.beta, reached=state.reached)
                 row["status"] = state.status
                 if state.status == "unreachable":
                     row.update(best=state.best, best_step=state.best_step)
@@ -63,81 +62,58 @@ def constraint_rows(exp: Experiment, heldout: dict[str, Any] | None) -> list[dic
                     row["heldout_reached"] = test_reached[i]
                 if not group:
                     row["status"] = "met" if means[i] <= 0 else "violated"
-            if judged:
-                row["judges"] = [{"name": judge, **values[j]} for judge, values in judged.items()]
-                row["judges_met"] = sum(v["status"] == "met" for v in row["judges"])
-                if "twin" in judged:
-                    twin = judged["twin"][j]
-                    row["heldout_twin_value"], row["twin_status"] = twin["value"], twin["status"]
-                    if "reached" in twin:
-                        row["heldout_twin_reached"] = twin["reached"]
+            row["judges"] = tuple(values[j] for values in judged.values())
             also = getattr(constraint, "also", None)
             if also is not None:
-                row["also"] = {"name": also.name, "symbol": also.symbol}
-                for key in ("kappa", "reached", "heldout_reached", "best"):
-                    if row.get(key) is not None:
-                        row[f"{key}_{also.name}"] = also.convert(row[key])
-            rows.append(row)
+                values = {key: also.convert(row[key]) for key in CONVERTED if row.get(key) is not None}
+                row["also"] = SecondUnit(also.name, also.symbol, values)
+            rows.append(ConstraintRow(**row))
     return rows
 
 
-def _judged(constraint, means: dict[str, torch.Tensor]) -> dict[str, list[dict[str, Any]]]:
+def _judged(constraint, means: dict[str, torch.Tensor]) -> dict[str, list[Judged]]:
     """Per judge, per component: the held-out mean value, the value in kappa's units, and
     ``met`` or ``violated``."""
     out = {}
     for judge, mean in means.items():
         reached = constraint.reached(mean)
         out[judge] = [
-            {
-                "value": float(v),
-                **({} if reached is None or math.isnan(reached[j]) else {"reached": float(reached[j])}),
-                "status": "met" if v <= 0 else "violated",
-            }
+            Judged(
+                judge,
+                float(v),
+                None if reached is None or math.isnan(reached[j]) else float(reached[j]),
+                "met" if v <= 0 else "violated",
+            )
             for j, v in enumerate(mean.tolist())
         ]
     return out
 
 
-def judges_line(row: dict[str, Any]) -> str | None:
-    """``cla: held-out 0.915 met under its own network and under 2 of 3 judges (twin 0.91 met, ...)``."""
-    judges = row.get("judges")
-    if not judges:
-        return None
-    own = "met" if row.get("heldout_value", math.inf) <= 0 else "not met"
-    parts = ", ".join(f"{j['name']} {_fmt(j.get('reached', j['value']), '.3f')} {j['status']}" for j in judges)
-    return (
-        f"{row['component']}: {own} under its own network, met under {row['judges_met']} of {len(judges)} "
-        f"independent judges ({parts})"
-    )
-
-
-def advice(rows: list[dict[str, Any]], config_name: str) -> list[str]:
+def advice(rows: list[ConstraintRow], config_name: str) -> list[str]:
     """What a user can do about each unreachable component, and each met under its own network
-    but not under its twin: one line each."""
+    but not under every independent judge: one line each."""
     lines = []
     remedies = (
         f"Choose a reachable kappa with `geco find-kappa {config_name}`, give it more train.steps, or let "
         "lambda grow further (controller max_factor)."
     )
     for r in rows:
-        if r.get("status") == "unreachable":
+        if r.status == "unreachable":
             lines.append(
-                f"{r['component']}: kappa {r['kappa']:g} is out of reach at this budget; the best it reached was "
-                f"{r['best']:.4g} at step {r['best_step']}. {remedies}"
+                f"{r.component}: kappa {r.kappa:g} is out of reach at this budget; the best it reached was "
+                f"{r.best:.4g} at step {r.best_step}. {remedies}"
             )
-        elif r.get("status") == "violated" and "lambda" in r and r.get("reached") is not None:
+        elif r.status == "violated" and r.lambda_ is not None and r.reached is not None:
             lines.append(
-                f"{r['component']}: kappa {r['kappa']:g} was not met in this run (reached {r['reached']:.4g}), perhaps "
+                f"{r.component}: kappa {r.kappa:g} was not met in this run (reached {r.reached:.4g}), perhaps "
                 f"out of reach at this budget. {remedies}"
             )
-        judges = r.get("judges") or []
-        if r.get("heldout_value", 1.0) <= 0 and r.get("judges_met", len(judges)) < len(judges):
-            failed = ", ".join(
-                f"{j['name']} {j.get('reached', j['value']):.4g}" for j in judges if j["status"] != "met"
-            )
+        met_here = r.heldout_value is not None and r.heldout_value <= 0
+        if met_here and r.judges_met < len(r.judges):
+            failed = ", ".join(f"{j.name} {j.shown:.4g}" for j in r.judges if j.status != "met")
             lines.append(
-                f"{r['component']}: met under its own network, not under every independent judge ({failed} vs kappa "
-                f"{r['kappa']:g}): the reconstructions may fool the network rather than satisfy the constraint; "
+                f"{r.component}: met under its own network, not under every independent judge ({failed} vs kappa "
+                f"{r.kappa:g}): the reconstructions may fool the network rather than satisfy the constraint; "
                 "look at them (plots/grid.png), and stack it with a pixel constraint (re) where it is alone."
             )
     return lines
@@ -204,24 +180,24 @@ def format_summary(summary: dict[str, Any]) -> str:
         header = ("constraint", "kappa", "reached", "held-out", "status", "lambda", "beta")
         table = [header]
         for r in rows:
-            state = r.get("status", f"{r.get('satisfied_fraction', float('nan')):.0%} met")
+            state = r.status or f"{_or_nan(r.satisfied_fraction):.0%} met"
             if state == "unreachable":
-                state = f"unreachable (best {r['best']:.4g} at step {r['best_step']})"
+                state = f"unreachable (best {r.best:.4g} at step {r.best_step})"
             table.append(
                 (
-                    r["component"],
-                    _fmt(r.get("kappa")) + second_unit(r, "kappa"),
-                    _fmt(r.get("reached")) + second_unit(r, "reached"),
-                    _fmt(r.get("heldout_reached", r.get("heldout_value"))) + second_unit(r, "heldout_reached"),
+                    r.component,
+                    _fmt(r.kappa) + r.second("kappa"),
+                    _fmt(r.reached) + r.second("reached"),
+                    _fmt(r.heldout) + r.second("heldout_reached"),
                     state,
-                    _fmt(r.get("lambda", r.get("lambda_median")), ".3g"),
-                    _fmt(r.get("beta"), ".3g"),
+                    _fmt(r.lambda_ if r.lambda_ is not None else r.lambda_median, ".3g"),
+                    _fmt(r.beta, ".3g"),
                 )
             )
         widths = [max(len(t[i]) for t in table) for i in range(len(header))]
         lines.append("")
         lines += ["  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip() for t in table]
-        lines += [line for line in map(judges_line, rows) if line]
+        lines += [line for line in (r.judges_line() for r in rows) if line]
         lines += summary.get("advice") or []
     final, held = summary["final"], summary["heldout"]
     lines.append("")
@@ -239,11 +215,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def second_unit(row: dict[str, Any], key: str) -> str:
-    """`` (20.0 dB)``: the row's value of ``key`` in its constraint's second unit, if it has one."""
-    also = row.get("also")
-    value = row.get(f"{key}_{also['name']}") if also else None
-    return "" if value is None else f" ({value:.1f} {also['symbol']})"
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:

@@ -160,7 +160,7 @@ def test_judges_are_the_twin_and_the_other_recipe_and_summaries_count_those_met(
     same reconstructions; the row says under how many judges the constraint is met."""
     from geco_core.training import Config, build
     from geco_core.training.experiment import evaluate_heldout, evaluating
-    from geco_core.training.summary import constraint_rows, judges_line
+    from geco_core.training.summary import constraint_rows
 
     cla = ClassifierAccuracy(kappa=0.5)
     assert list(cla.judges()) == ["twin", "standard", "standard twin"]
@@ -191,16 +191,17 @@ def test_judges_are_the_twin_and_the_other_recipe_and_summaries_count_those_met(
     for name, judge in cla.judges().items():
         torch.testing.assert_close(held["judge_means"][0][name], judge(recon).mean(0), rtol=1e-5, atol=1e-5)
     (row,) = constraint_rows(exp, held)
-    statuses = [j["status"] for j in row["judges"]]
-    assert [j["name"] for j in row["judges"]] == ["twin", "standard", "standard twin"]
-    assert statuses == ["met" if j["value"] <= 0 else "violated" for j in row["judges"]]
-    assert row["judges_met"] == statuses.count("met") and row["twin_status"] == statuses[0]
-    line = judges_line(row)
-    assert line.startswith(f"cla: {'met' if row['heldout_value'] <= 0 else 'not met'} under its own network")
-    assert f"met under {row['judges_met']} of 3 independent judges" in line
+    statuses = [j.status for j in row.judges]
+    assert [j.name for j in row.judges] == ["twin", "standard", "standard twin"]
+    assert statuses == ["met" if j.value <= 0 else "violated" for j in row.judges]
+    written = row.to_json()
+    assert written["judges_met"] == row.judges_met == statuses.count("met") and written["twin_status"] == statuses[0]
+    line = row.judges_line()
+    assert line.startswith(f"cla: {'met' if row.heldout_value <= 0 else 'not met'} under its own network")
+    assert f"met under {row.judges_met} of 3 independent judges" in line
 
 
-@pytest.mark.parametrize("recipe", ["noise", "fgsm-rs", "pgd"])
+@pytest.mark.parametrize("recipe", ["noise", "fgsm-rs", "pgd", "pgd-l2"])
 def test_training_perturbations_stay_in_the_pixel_range_and_the_attacks_in_their_ball(recipe):
     from geco_cla.robust import perturbation
 
@@ -208,10 +209,14 @@ def test_training_perturbations_stay_in_the_pixel_range_and_the_attacks_in_their
     model = network.DigitClassifier().eval()
     x = torch.rand(8, 1, 28, 28)
     y = torch.randint(10, (8,))
-    out = perturbation(recipe, 0.1, pgd_steps=3)(model, x, y, torch.Generator().manual_seed(1))
+    eps = 1.0 if recipe == "pgd-l2" else 0.1  # an L2 radius over 784 pixels, or L-inf
+    out = perturbation(recipe, eps, pgd_steps=3)(model, x, y, torch.Generator().manual_seed(1))
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1 and not torch.equal(out, x)
+    if recipe == "pgd-l2":
+        assert (out - x).flatten(1).norm(dim=1).max() <= eps + 1e-5
+        assert (out - x).abs().max() > 0.1  # not an L-inf ball of the same size in disguise
     if recipe != "noise":
-        assert (out - x).abs().max() <= 0.1 + 1e-6
+        assert (out - x).abs().max() <= (1.0 if recipe == "pgd-l2" else eps + 1e-6)
         loss = torch.nn.functional.cross_entropy
         with torch.no_grad():
             assert loss(model(out), y) > loss(model(x), y)  # an attack raises the loss
