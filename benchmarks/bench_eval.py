@@ -28,7 +28,8 @@ def breakdown(run_dir: str) -> None:
 
     from geco_core.evaluation import average_kl, log_aggregate_density, log_density_matrix, sigma_opt
     from geco_core.evaluation.measures import BLOCK, _gaussian_factors, _subset, quantised_normal_log_prob
-    from geco_core.training import Run, build, evaluate_heldout
+    from geco_core.training import Run, build
+    from geco_core.training.experiment import PassMeasures, passes
 
     t = {}
     t0 = time.perf_counter()
@@ -41,12 +42,10 @@ def breakdown(run_dir: str) -> None:
     sigma = sigma_opt(exp, exp.data, _subset(len(exp.data), 1000, 0))
     t["sigma_opt (1000 train)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    log_p = [0.0]
-
-    def nll(batch, out) -> None:
-        log_p[0] += float(quantised_normal_log_prob(batch.x, out.x_hat, sigma).sum())
-
-    evaluate_heldout(exp, heldout, 10_000, on_batch=nll)
+    measures = PassMeasures(exp)
+    for batch, out in passes(exp, heldout, torch.arange(min(10_000, len(heldout)))):
+        measures.add(batch, out)
+        float(quantised_normal_log_prob(batch.x, out.x_hat, sigma).sum())
     t["held-out pass: NLL, RMSE, KL, constraints (10000)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     average_kl(exp, exp.data, _subset(len(exp.data), 10_000, 1))

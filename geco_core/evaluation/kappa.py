@@ -51,7 +51,7 @@ from geco_core.figures.run import pyplot, save_figure
 from geco_core.geco import build_controller
 from geco_core.plugins import create
 from geco_core.training import Callback, Config, Run, TrainerState, load_config, strict_json, train, write_atomic
-from geco_core.training.experiment import constraint_values
+from geco_core.training.experiment import PassMeasures, passes
 from geco_core.training.rng import seeded
 
 __all__ = [
@@ -152,10 +152,11 @@ class _Probe(Callback):
             return
         exp = trainer.exp
         index = torch.arange(min(PROBE_EXAMPLES, len(exp.validation)))
-        kl = []
+        measures = PassMeasures(exp, judged=False)
         with seeded(exp.device, exp.config.train.seed):  # the same draws at every probe
-            values = constraint_values(exp, exp.validation, index, on_batch=lambda batch, out: kl.append(out.kl))
-        point = probe_point(exp.geco, trainer.step, values, torch.cat(kl))
+            for batch, out in passes(exp, exp.validation, index):
+                measures.add(batch, out)
+        point = probe_point(exp.geco, trainer.step, measures.values, measures.kl)
         self.points.append(point)
         with open(trainer.run.path / "probe.jsonl", "a") as f:
             f.write(strict_json(point) + "\n")

@@ -46,7 +46,8 @@ from torch import Tensor
 from geco_core.errors import ConfigError
 from geco_core.evaluation.realism import feature_network_for, frechet_distances
 from geco_core.models.base import VAE, DiagonalGaussian, Posterior
-from geco_core.training import Experiment, Run, build, evaluate_heldout, evaluating, strict_json, write_atomic
+from geco_core.training import Experiment, Run, build, evaluating, strict_json, write_atomic
+from geco_core.training.experiment import PassMeasures, passes
 from geco_core.training.summary import constraint_rows
 
 __all__ = [
@@ -89,19 +90,11 @@ def quantised_normal_log_prob(x: Tensor, mu: Tensor, sigma: float | Tensor) -> T
     return log_hi + torch.log1p(-torch.exp(log_lo - log_hi).clamp(max=1.0))
 
 
-def _reconstruct(exp: Experiment, data, index: Tensor, batch_size: int = 500):
-    """Yield (batch, x_hat) over ``index``, one posterior draw per example, no gradients."""
-    with evaluating(exp.model, exp.objective, *exp.constraints):
-        for start in range(0, len(index), batch_size):
-            batch = data.batch(index[start : start + batch_size], exp.device)
-            yield batch, exp.forward(batch).x_hat
-
-
 def sigma_opt(exp: Experiment, data, index: Tensor) -> float:
     """Eq. 3: ``sqrt(mean_(i, pixels) (x_i - g(z_i))^2)``, ``z_i ~ q(z|x_i)``; a per-pixel std."""
     sq = count = 0.0
-    for batch, x_hat in _reconstruct(exp, data, index):
-        sq += float((batch.x.double() - x_hat.double()).square().sum())
+    for batch, out in passes(exp, data, index):
+        sq += float((batch.x.double() - out.x_hat.double()).square().sum())
         count += batch.x.numel()
     return math.sqrt(sq / count)
 
@@ -109,8 +102,8 @@ def sigma_opt(exp: Experiment, data, index: Tensor) -> float:
 def nll_per_pixel(exp: Experiment, data, index: Tensor, sigma: float) -> float:
     """``-mean log P(x)`` in nats per pixel under the quantised normal with mean ``g(z)``, ``z ~ q``."""
     total = count = 0.0
-    for batch, x_hat in _reconstruct(exp, data, index):
-        total -= float(quantised_normal_log_prob(batch.x, x_hat, sigma).sum())
+    for batch, out in passes(exp, data, index):
+        total -= float(quantised_normal_log_prob(batch.x, out.x_hat, sigma).sum())
         count += batch.x.numel()
     return total / count
 
@@ -287,20 +280,20 @@ def evaluate_run(
         torch.manual_seed(seed)
         sigma = sigma_opt(exp, train, _subset(len(train), sigma_examples, seed))
         torch.manual_seed(seed + 1)
-        log_p_sum, pixels = [0.0], [0]  # one pass over the held-out data: NLL, RMSE, KL and constraints, one draw
-
+        # one pass over the held-out data, one draw: NLL, RMSE, KL, constraints, reconstructions for realism
+        log_p_sum, pixels = 0.0, 0
         n_real = min(examples, realism_examples, len(heldout))
         recon: list[Tensor] = []
-
-        def nll(batch, out) -> None:
-            log_p_sum[0] += float(quantised_normal_log_prob(batch.x, out.x_hat, sigma).sum())
-            pixels[0] += batch.x.numel()
+        measures = PassMeasures(exp)
+        for batch, out in passes(exp, heldout, torch.arange(min(examples, len(heldout)))):
+            measures.add(batch, out)
+            log_p_sum += float(quantised_normal_log_prob(batch.x, out.x_hat, sigma).sum())
+            pixels += batch.x.numel()
             kept = sum(len(r) for r in recon)
             if kept < n_real:
                 recon.append(out.x_hat[: n_real - kept].cpu())
-
-        held = evaluate_heldout(exp, heldout, examples, on_batch=nll)
-        nats = -log_p_sum[0] / pixels[0]
+        held = measures.result()
+        nats = -log_p_sum / pixels
         torch.manual_seed(seed + 2)
         kl_index = _subset(len(train), examples, seed + 1)
         mean_kl = average_kl(exp, train, kl_index)

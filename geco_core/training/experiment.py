@@ -26,7 +26,7 @@ from geco_core.training.objectives import Objective, constraint_batch
 from geco_core.training.rng import restore_rng, rng_state, seeded
 from geco_core.training.run import CHECKPOINT_FORMAT
 
-__all__ = ["Experiment", "build", "load_dataset", "evaluating", "evaluate_heldout"]
+__all__ = ["Experiment", "PassMeasures", "build", "load_dataset", "evaluating", "evaluate_heldout", "passes"]
 
 
 def load_dataset(config: Config, split: str) -> ImageData:
@@ -303,60 +303,81 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
-def constraint_values(exp: Experiment, data: ImageData, index: Tensor, batch_size: int = 500, on_batch=None) -> Tensor:
-    """Every constraint component's value for the examples ``index`` of ``data`` (``(n, L)``, on the
-    device), one forward pass (one posterior draw) per batch in eval mode; ``on_batch(batch, out)``
-    sees each, for measures of the same pass."""
-    values = []
+def passes(
+    exp: Experiment, data: ImageData, index: Tensor, batch_size: int = 500
+) -> Iterator[tuple[DataBatch, Output]]:
+    """One pass over the examples ``index`` of ``data``: ``(batch, output)`` per batch, one forward
+    (one posterior draw per example) in eval mode without gradients; the modes are restored after."""
     with evaluating(exp.model, exp.objective, *exp.constraints):
         for start in range(0, len(index), batch_size):
             batch = data.batch(index[start : start + batch_size], exp.device)
-            out = exp.forward(batch)
-            if on_batch is not None:
-                on_batch(batch, out)
-            if exp.stack is not None:
-                values.append(exp.stack.evaluate(constraint_batch(out, batch)).float())
-    width = exp.stack.num_components if exp.stack is not None else 0
-    return torch.cat(values) if values else torch.zeros(0, width, device=exp.device)
+            yield batch, exp.forward(batch)
 
 
-def evaluate_heldout(
-    exp: Experiment,
-    data: ImageData,
-    n: int,
-    batch_size: int = 500,
-    on_batch: Callable[[DataBatch, Output], None] | None = None,
-) -> dict[str, Any]:
-    """Mean KL (nats), pixel RMSE and each constraint's mean value (``(L,)``) on the first ``n``
-    examples of ``data``, one forward pass (one posterior draw) per batch; where constraints have
-    judges (:attr:`Experiment.judges`), each constraint's mean under each judge (``judge_means``:
-    per constraint, judge name -> ``(dim,)``). ``on_batch(batch, out)`` sees each batch, for
-    measures of the same pass."""
-    n = min(n, len(data))
-    kl_mse_sums = torch.zeros(2, dtype=torch.float64, device=exp.device)
-    judges = exp.judges if any(exp.judges) else []
-    judge_sums = (
-        [{k: torch.zeros(c.dim, device=exp.device) for k in group} for c, group in zip(exp.stack.constraints, judges)]
-        if judges
-        else []
-    )
+class PassMeasures:
+    """What a pass measures, batch by batch (:meth:`add`): each example's constraint values
+    (``values``, ``(n, L)``) and KL (``kl``, ``(n,)``, nats), the sums of KL and squared pixel error
+    (float64), and unless ``judged=False``, where constraints have judges (:attr:`Experiment.judges`),
+    each judge's sums."""
 
-    def measure(batch: DataBatch, out: Output) -> None:
-        kl_mse_sums[0] += out.kl.double().sum()
-        kl_mse_sums[1] += (batch.x - out.x_hat).square().flatten(1).mean(1).double().sum()
-        if judges:
+    def __init__(self, exp: Experiment, judged: bool = True) -> None:
+        self.exp, self.n = exp, 0
+        self.sums = torch.zeros(2, dtype=torch.float64, device=exp.device)  # KL, mean squared error
+        self.judges = exp.judges if judged and any(exp.judges) else []
+        self.judge_sums = [
+            {k: torch.zeros(c.dim, device=exp.device) for k in group}
+            for c, group in zip(exp.stack.constraints if self.judges else (), self.judges)
+        ]
+        self._values: list[Tensor] = []
+        self._kl: list[Tensor] = []
+
+    def add(self, batch: DataBatch, out: Output) -> None:
+        self.n += len(batch.x)
+        self.sums[0] += out.kl.double().sum()
+        self.sums[1] += (batch.x - out.x_hat).square().flatten(1).mean(1).double().sum()
+        self._kl.append(out.kl)
+        if self.exp.stack is not None:
             cbatch = constraint_batch(out, batch)
-            for group, sums in zip(judges, judge_sums):
+            for group, sums in zip(self.judges, self.judge_sums):
                 for name, judge in group.items():
                     sums[name] += judge(cbatch).sum(0).float()
-        if on_batch is not None:
-            on_batch(batch, out)
+            self._values.append(self.exp.stack.evaluate(cbatch).float())
 
-    values = constraint_values(exp, data, torch.arange(n), batch_size, measure)
-    kl, sq = kl_mse_sums.tolist()
-    result: dict[str, Any] = {"examples": n, "kl": kl / n, "rmse": math.sqrt(sq / n)}
-    if exp.stack is not None:
-        result["constraint_means"] = values.mean(0).cpu()
-    if judges:
-        result["judge_means"] = [{k: (total / n).cpu() for k, total in sums.items()} for sums in judge_sums]
-    return result
+    @property
+    def values(self) -> Tensor:
+        width = self.exp.stack.num_components if self.exp.stack is not None else 0
+        return torch.cat(self._values) if self._values else torch.zeros(0, width, device=self.exp.device)
+
+    @property
+    def kl(self) -> Tensor:
+        return torch.cat(self._kl)
+
+    def result(self) -> dict[str, Any]:
+        """Mean KL (nats), pixel RMSE, each constraint's mean value (``constraint_means``, ``(L,)``)
+        and, with judges, each constraint's mean under each judge (``judge_means``: per constraint,
+        judge name -> ``(dim,)``)."""
+        kl, sq = self.sums.tolist()
+        n = self.n
+        result: dict[str, Any] = {"examples": n, "kl": kl / n, "rmse": math.sqrt(sq / n)}
+        if self.exp.stack is not None:
+            result["constraint_means"] = self.values.mean(0).cpu()
+        if self.judges:
+            result["judge_means"] = [{k: (total / n).cpu() for k, total in sums.items()} for sums in self.judge_sums]
+        return result
+
+
+def constraint_values(exp: Experiment, data: ImageData, index: Tensor, batch_size: int = 500) -> Tensor:
+    """Every constraint component's value for the examples ``index`` of ``data`` (``(n, L)``, on the
+    device), from one pass (:func:`passes`)."""
+    measures = PassMeasures(exp, judged=False)
+    for batch, out in passes(exp, data, index, batch_size):
+        measures.add(batch, out)
+    return measures.values
+
+
+def evaluate_heldout(exp: Experiment, data: ImageData, n: int, batch_size: int = 500) -> dict[str, Any]:
+    """:meth:`PassMeasures.result` of one pass over the first ``n`` examples of ``data``."""
+    measures = PassMeasures(exp)
+    for batch, out in passes(exp, data, torch.arange(min(n, len(data))), batch_size):
+        measures.add(batch, out)
+    return measures.result()
