@@ -24,7 +24,7 @@ from geco_core import ConfigError
 from geco_core.cli import main
 from geco_core.errors import CheckpointError
 from geco_core.training import CHECKPOINT, Run, RunDiverged, load_checkpoint, resume, train
-from geco_core.training.run import nonfinite_entries
+from geco_core.training.checkpoint import nonfinite_entries
 
 
 def digest(path) -> dict[str, str]:

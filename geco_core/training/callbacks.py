@@ -20,7 +20,8 @@ from torch import Tensor
 
 from geco_core.figures import plot_trajectory, save_grid
 from geco_core.state import MANY
-from geco_core.training.run import nonfinite_entries, strict_json, write_atomic
+from geco_core.training.checkpoint import nonfinite_weights
+from geco_core.training.run import strict_json, write_atomic
 from geco_core.training.summary import grid_rows, summarise
 from geco_core.training.trainer_state import TrainerState
 
@@ -187,7 +188,7 @@ class Checkpointing(Callback):
         self.due = self.due or trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps
         if self.due and trainer.synced and trainer.last_step_finite and trainer.status == "running":
             state = trainer.exp.state_dict(trainer.step)  # on every process: it gathers their RNG states
-            bad = nonfinite_entries({k: state[k] for k in ("model", "objective", "optimizer")})
+            bad = nonfinite_weights(state)
             if bad:  # the same on every process: their states are in step
                 trainer.stop("diverged", f"{bad[0]} holds NaN or infinity at step {trainer.step}; not written")
                 return

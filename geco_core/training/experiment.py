@@ -19,12 +19,12 @@ from geco_core.errors import CheckpointError, ConfigError, DataError
 from geco_core.geco import GECO
 from geco_core.models.base import VAE, Output
 from geco_core.plugins import create, registry
+from geco_core.training.checkpoint import CHECKPOINT_FORMAT
 from geco_core.training.config import Config, ConstraintConfig
 from geco_core.training.distributed import DataParallelGroup, ModelAndObjective
 from geco_core.training.machine import prepare_device
 from geco_core.training.objectives import Objective, constraint_batch
 from geco_core.training.rng import restore_rng, rng_state, seeded
-from geco_core.training.run import CHECKPOINT_FORMAT
 
 __all__ = ["Experiment", "PassMeasures", "build", "load_dataset", "evaluating", "evaluate_heldout", "passes"]
 

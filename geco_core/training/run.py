@@ -21,9 +21,7 @@ import contextlib
 import json
 import math
 import os
-import pickle
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -32,14 +30,14 @@ import filelock
 import torch
 
 from geco_core.errors import CheckpointError, ConfigError, RunFolderError
+from geco_core.training.checkpoint import load_checkpoint, nonfinite_weights
 from geco_core.training.config import Config, load_config
 from geco_core.training.rows import ConstraintRow
 
-__all__ = ["Run", "CHECKPOINT", "write_atomic", "load_checkpoint", "strict_json", "nonfinite_entries"]
+__all__ = ["Run", "CHECKPOINT", "write_atomic", "load_checkpoint", "strict_json"]
 
 CHECKPOINT = Path("checkpoints") / "latest.pt"
 RECORDS = ("metrics.jsonl", "summary.json", "eval.json")
-CHECKPOINT_FORMAT = 1
 
 
 def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
@@ -60,49 +58,6 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
             raise CheckpointError(f"cannot write {path}: {reason} (the previous file, if any, is intact)") from None
         raise
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint without unpickling arbitrary objects; a clear error if it is unreadable."""
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(
-            f"checkpoint {path} holds objects other than tensors and plain values; geco never loads those "
-            "(a checkpoint geco wrote holds none: this file is not one)"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {reason}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path} is not a geco checkpoint of format {CHECKPOINT_FORMAT}")
-    return state
-
-
-def nonfinite_entries(state: Any) -> list[str]:
-    """The keys of floating-point tensors in a nested state that hold NaN or infinity. One host
-    read: every tensor's 2-norm at once (finite only if every entry is), then an exact check of the
-    few whose norm is not (a norm can overflow where no entry does)."""
-    leaves = dict(_float_leaves(state))
-    if not leaves:
-        return []
-    norms = torch._foreach_norm(list(leaves.values()))
-    suspect = torch.stack([n.float().to(norms[0].device) for n in norms]).isfinite().logical_not().tolist()
-    return [k for (k, v), bad in zip(leaves.items(), suspect) if bad and not bool(torch.isfinite(v).all())]
-
-
-def _float_leaves(state: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    if isinstance(state, torch.Tensor):
-        if state.is_floating_point():
-            yield prefix, state.detach()
-    elif isinstance(state, dict):
-        for key, v in state.items():
-            yield from _float_leaves(v, f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(state, list | tuple):
-        for i, v in enumerate(state):
-            yield from _float_leaves(v, f"{prefix}[{i}]")
 
 
 def strict_json(obj: Any, indent: int | None = None) -> str:
@@ -211,7 +166,7 @@ class Run:
         """Write ``state`` atomically over the checkpoint. A state holding NaN or infinity is
         refused (:class:`CheckpointError` naming the first such tensor): it never replaces a good
         checkpoint."""
-        bad = nonfinite_entries({k: state[k] for k in ("model", "objective", "optimizer") if k in state})
+        bad = nonfinite_weights(state)
         if bad:
             raise CheckpointError(
                 f"not writing a checkpoint at step {state.get('step')}: {bad[0]} holds NaN or infinity "
