@@ -129,7 +129,7 @@ def report(out: Path, steps: int) -> tuple[str, list[dict[str, Any]]]:
         finder = json.loads(finder_path.read_text())  # analysed again: the points are what was measured
         finder["constraints"] = analyse(finder["points"], finder["constraints"], finder["budget"], finder["hold_steps"])
         name, c = next(iter(finder["constraints"].items()))
-        direction = -1 if c["direction"].startswith("lower") else 1
+        direction = c["tighter"]
         geco_rows, fixed_rows = [], []
         for name_ in cells:
             path = out / name_ / "restart-s0" / "bench.json"
@@ -190,8 +190,8 @@ def reanalysed(result: dict[str, Any], budget: int) -> dict[str, Any]:
     """A finder result's (only) constraint analysed again from its probes, for ``budget`` steps."""
     from geco_core.evaluation.kappa import analyse
 
-    keys = ("units", "kappa", "direction", "perfect")
-    meta = {name: {k: c[k] for k in keys} for name, c in result["constraints"].items()}
+    keys = ("units", "kappa", "tighter", "direction", "perfect")
+    meta = {name: {k: c[k] for k in keys if k in c} for name, c in result["constraints"].items()}
     (c,) = analyse(result["points"], meta, budget, result["hold_steps"]).values()
     return c
 

@@ -132,6 +132,12 @@ class Constraint(nn.Module, abc.ABC):
     dim: int = 1
     multiplier_scale: float = 1.0
     value_scale: float = 1.0
+    #: which way ``reached`` is tighter: -1 where smaller values are (an upper bound: RE), +1 where
+    #: larger are (a lower bound: CLA, pNCC, SSIM); None: found from ``reached`` (:func:`tighter`)
+    tighter: ClassVar[int | None] = None
+    #: what ``reached`` gives for a perfect reconstruction (RE 0, pNCC 1); None: found from
+    #: ``reached`` and ``value_scale`` (:func:`perfect`)
+    perfect: ClassVar[float | None] = None
     #: standard errors of the validation mean that GECO's held-out target adds to it (GECO.validate):
     #: a one-sided 95% bound by default; a constraint whose per-example values are heavy-tailed
     #: may declare another, chosen by measurement
@@ -171,6 +177,30 @@ class Constraint(nn.Module, abc.ABC):
             if getattr(module, "_geco_frozen", False):
                 module.eval()
         return self
+
+
+def tighter(constraint: ConstraintLike) -> int:
+    """-1 where smaller values of ``reached`` are tighter (an upper bound: RE), +1 where larger are
+    (a lower bound: CLA, pNCC): the constraint's ``tighter`` where it declares one, else read off
+    ``reached`` just inside the bound (-1 for a constraint without ``reached``)."""
+    declared = getattr(constraint, "tighter", None)
+    if declared is not None:
+        return int(declared)
+    probe = constraint.reached(torch.tensor([-1e-3 * float(constraint.value_scale)] * constraint.dim))
+    if probe is None:
+        return -1
+    return -1 if float(probe.mean()) < float(constraint.kappa) else 1
+
+
+def perfect(constraint: ConstraintLike) -> float:
+    """What ``reached`` gives for a perfect reconstruction: the constraint's ``perfect`` where it
+    declares one, else ``reached`` at ``-value_scale`` (the declared distance from the bound to
+    perfection: RE's RMSE 0, pNCC's correlation 1); 0 for a constraint without ``reached``."""
+    declared = getattr(constraint, "perfect", None)
+    if declared is not None:
+        return float(declared)
+    value = constraint.reached(torch.full((constraint.dim,), -float(constraint.value_scale)))
+    return float(value.mean()) if value is not None else 0.0
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -14,7 +14,7 @@ For a plugin author, one import and one class run every check of the contract on
 pytest collects the ``test_*`` methods: values of shape ``(B, dim)``; ``<= 0`` exactly where
 ``reached`` is on kappa's satisfied side (and ``reached(0) = kappa``); gradients reach ``x_hat`` and
 never a frozen network's weights; frozen networks stay in eval mode in training mode; a bad kappa is
-a :class:`ConfigError`; the declared members are sound; the name resolves through the registry.
+a :class:`ConfigError`; the declared members are sound (the tighter side and the perfect value agree with ``reached``); the name resolves through the registry.
 Override :meth:`ConstraintContract.batch` to feed realistic data.
 
 ``geco_core.testing`` is itself a plugin (load it with ``GECO_PLUGINS=geco_core.testing``) that
@@ -30,7 +30,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from geco_core.constraint import Batch, Constraint, ConstraintLike, check_kappa, check_same_shape, missing_members
+from geco_core.constraint import (
+    Batch,
+    Constraint,
+    ConstraintLike,
+    check_kappa,
+    check_same_shape,
+    missing_members,
+    perfect,
+    tighter,
+)
 from geco_core.errors import ConfigError
 from geco_core.hookspecs import hookimpl
 from geco_core.plugins import create_constraint, registry
@@ -46,6 +55,7 @@ class MeanAbsoluteError(Constraint):
 
     name = "test-mae"
     units = "pixel MAE"
+    tighter, perfect = -1, 0.0
 
     def __init__(self, kappa: float, image_shape: tuple[int, int, int] | None = None) -> None:
         super().__init__()
@@ -125,6 +135,16 @@ class ConstraintContract:
         reached = c.reached(values)
         on_side = (torch.sign(reached - c.kappa) == side) | (reached == c.kappa)
         assert torch.equal(values <= 0, on_side)
+
+    def test_its_tighter_side_and_perfect_value_agree_with_reached(self):
+        c = self.make()
+        derived = type("Derived", (), {k: getattr(c, k) for k in ("kappa", "dim", "value_scale")})()
+        derived.reached = c.reached
+        assert tighter(c) in (-1, 1) and math.isfinite(perfect(c))
+        if c.reached(torch.zeros(c.dim)) is not None:  # what it declares is what reached implies
+            assert tighter(c) == tighter(derived)
+            assert math.isclose(perfect(c), perfect(derived), rel_tol=1e-5, abs_tol=1e-6)
+        assert tighter(c) * (perfect(c) - float(c.kappa)) >= 0, "perfect must lie on kappa's tight side"
 
     def test_gradients_reach_x_hat_and_no_frozen_weight(self):
         c = self.make()

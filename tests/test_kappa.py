@@ -83,7 +83,7 @@ def test_the_floor_is_never_looser_than_a_value_the_run_measured_nor_the_suggest
         {"step": 1000 + 50 * (i + 1), "values": {"re": v}, "kl": 100.0 * 0.8**i, "factor": 100 * 0.5**i}
         for i, v in enumerate(down)
     ]
-    meta = {"re": {"units": "rmse", "kappa": 0.1, "direction": "lower is tighter", "perfect": 0.0}}
+    meta = {"re": {"units": "rmse", "kappa": 0.1, "tighter": -1, "perfect": 0.0}}
     (result,) = finder.analyse(held + ramp, meta, budget=2000, hold_steps=1000).values()
     extrapolated = 0.08 + 0.5 * 2000**-0.5
     assert result["floor"] == pytest.approx(0.065) and 0.065 < extrapolated
@@ -117,7 +117,7 @@ def test_a_floor_never_passes_perfect_and_is_not_extrapolated_beyond_what_the_fi
         {"step": 150 + 10 * i, "values": {"re": 0.1 + 0.01 * i}, "kl": 100.0 * 0.8**i, "factor": 100 * 0.5**i}
         for i in range(1, 16)
     ]
-    meta = {"re": {"units": "rmse", "kappa": 0.1, "direction": "lower is tighter", "perfect": 0.0}}
+    meta = {"re": {"units": "rmse", "kappa": 0.1, "tighter": -1, "perfect": 0.0}}
     (near,) = finder.analyse(held + down, meta, budget=within, hold_steps=150).values()
     assert near["floor_status"] == "extrapolated" and near["floor"] == 0.0
     (far,) = finder.analyse(held + down, meta, budget=within + 1, hold_steps=150).values()
@@ -135,7 +135,7 @@ def test_a_floor_never_passes_perfect_and_is_not_extrapolated_beyond_what_the_fi
         "cannot tell at this length" in text
         and f"--steps {math.ceil((within + 1) / (finder.REACH * finder.HOLD))} or more" in text
     )
-    meta = {"pncc": {"units": "r", "kappa": 0.9, "direction": "higher is tighter", "perfect": 1.0}}
+    meta = {"pncc": {"units": "r", "kappa": 0.9, "tighter": 1, "perfect": 1.0}}
     rising = [{"step": s, "values": {"pncc": 1.1 - 0.5 * s**-0.3}, "kl": 50.0} for s in steps]
     (capped,) = finder.analyse(rising, meta, budget=within, hold_steps=150).values()
     assert capped["floor"] == 1.0 and capped["floor_status"] == "extrapolated"
@@ -150,7 +150,7 @@ def test_the_default_finder_is_long_enough_for_its_floor_to_reach_the_budget():
 
 def test_predictions_interpolate_the_way_down_log_linearly_correct_it_and_say_where_they_come_from():
     result = {
-        "direction": "lower is tighter",
+        "tighter": -1,
         "floor": 0.06,
         "floor_measured": 0.065,
         "kl_at_high": 150.0,
@@ -183,7 +183,7 @@ def test_the_frugal_kappa_pays_half_the_knees_kl():
     kl = lambda v: 10 + 0.2 * v**-4.0  # noqa: E731
     down = [{"step": 1001 + i, "values": {"re": v}, "kl": kl(v), "factor": 1.0} for i, v in enumerate(values)]
     held = [{"step": s, "values": {"re": values[-1]}, "kl": 500.0, "factor": 100.0} for s in (500, 750, 1000)]
-    meta = {"re": {"units": "rmse", "kappa": 0.1, "direction": "lower is tighter", "perfect": 0.0}}
+    meta = {"re": {"units": "rmse", "kappa": 0.1, "tighter": -1, "perfect": 0.0}}
     (c,) = finder.analyse(held + down, meta, budget=1000, hold_steps=1000).values()
     knee, frugal = c["suggested_kappa"], c["frugal_kappa"]
     assert values[-1] < knee < frugal < values[0]
@@ -452,7 +452,7 @@ def test_the_floor_warning_compares_a_kappa_given_in_db_like_one_given_as_rmse(t
     as_db = config(constraints=[{"name": "re", "kappa_psnr": 30}], **base)
     as_rmse = config(constraints=[{"name": "re", "kappa": 0.0316}], **base)
     assert finder.fingerprint(as_db) == finder.fingerprint(as_rmse)
-    meta = {"floor": 0.05, "suggested_kappa": 0.06, "direction": "lower is tighter"}
+    meta = {"floor": 0.05, "suggested_kappa": 0.06, "tighter": -1}
     result = {"config_fingerprint": finder.fingerprint(as_db), "budget": 1000, "constraints": {"re": meta}}
     (tmp_path / "kappa-tiny").mkdir()
     (tmp_path / "kappa-tiny" / "kappa.json").write_text(json.dumps(result))

@@ -45,6 +45,7 @@ from typing import Any
 import attrs
 import torch
 
+from geco_core.constraint import perfect, tighter
 from geco_core.controllers import NormalisedLagrangian
 from geco_core.errors import ConfigError
 from geco_core.figures.run import pyplot, save_figure
@@ -163,17 +164,11 @@ class _Probe(Callback):
         self.stack = exp.stack
 
 
-def _direction(constraint) -> int:
-    """-1 where smaller values of ``reached`` are tighter (an upper bound, RE), +1 where larger are
-    (a lower bound: CLA, pNCC)."""
-    probe = constraint.reached(torch.tensor([-1e-3 * float(constraint.value_scale)] * constraint.dim))
-    if probe is None:
-        return -1
-    return -1 if float(probe.mean()) < float(constraint.kappa) else 1
-
-
 def _tighter(meta: dict[str, Any]) -> int:
-    """:func:`_direction` of a constraint as an analysis records it (its ``direction`` text)."""
+    """Which way a constraint the analysis describes is tighter (:func:`~geco_core.constraint.tighter`);
+    a result written before 0.4.1 says it only in words (``direction``)."""
+    if "tighter" in meta:
+        return int(meta["tighter"])
     return -1 if meta["direction"].startswith("lower") else 1
 
 
@@ -318,12 +313,13 @@ def describe(stack) -> dict[str, dict[str, Any]]:
     its bound to perfection, takes it: RE's RMSE 0, pNCC's correlation 1)."""
     out = {}
     for name, c in stack.by_name.items():
-        perfect = c.reached(torch.full((c.dim,), -float(c.value_scale)))
+        direction = tighter(c)
         out[name] = {
             "units": c.units,
             "kappa": float(c.kappa),
-            "direction": "lower is tighter" if _direction(c) < 0 else "higher is tighter",
-            "perfect": float(perfect.mean()) if perfect is not None else 0.0,
+            "tighter": direction,
+            "direction": "lower is tighter" if direction < 0 else "higher is tighter",
+            "perfect": perfect(c),
         }
     return out
 
@@ -346,7 +342,8 @@ def analyse(points: Sequence[dict[str, Any]], constraints: dict[str, dict], budg
         out[name] = result = {
             "units": meta["units"],
             "kappa": meta["kappa"],
-            "direction": meta["direction"],
+            "tighter": direction,
+            "direction": "lower is tighter" if direction < 0 else "higher is tighter",
             "perfect": meta.get("perfect", 0.0),
             "floor": floor,
             "floor_status": status,

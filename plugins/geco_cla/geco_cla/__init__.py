@@ -68,6 +68,7 @@ class ClassifierAccuracy(Constraint):
 
     name = "cla"
     units = "probability of the true class"
+    tighter, perfect = 1, 1.0
 
     def __init__(
         self,

@@ -46,6 +46,7 @@ class FeatureReconstructionError(Constraint):
 
     name = "fre"
     units = "root-mean-square feature error"
+    tighter, perfect = -1, 0.0
 
     def __init__(
         self,

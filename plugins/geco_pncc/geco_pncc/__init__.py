@@ -67,6 +67,7 @@ class PatchNCC(Constraint):
 
     name = "pncc"
     units = "mean patch correlation in [-1, 1]"
+    tighter, perfect = 1, 1.0
 
     def __init__(
         self,

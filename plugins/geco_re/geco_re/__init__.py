@@ -53,6 +53,7 @@ class ReconstructionError(Constraint):
     name = "re"
     units = "pixel RMSE (pixels in [0, 1])"
     also = Units("psnr", "dB", psnr, rmse)
+    tighter, perfect = -1, 0.0  # a smaller RMSE is tighter; 0 is a perfect reconstruction
 
     def __init__(
         self,

@@ -45,6 +45,7 @@ class StructuralSimilarity(Constraint):
 
     name = "ssim"
     units = "SSIM (1: identical)"
+    tighter, perfect = 1, 1.0
 
     def __init__(
         self,
