@@ -67,7 +67,8 @@ class Units:
     """A second unit for a constraint's kappa and reached values, which summaries, ``geco eval``
     and plots show beside the first (RE: PSNR in dB beside the pixel RMSE).
 
-    name:    short, used in keys (``psnr``: ``reached_psnr`` in a summary row)
+    name:    short, used in keys (``psnr``: ``reached_psnr`` in a summary row); a constraint that
+             takes its kappa in this unit too names that option ``kappa_<name>`` (``kappa_psnr``)
     symbol:  printed after a value (``dB``)
     convert: from kappa's units to these; ``invert`` back
     """

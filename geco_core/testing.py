@@ -14,8 +14,9 @@ For a plugin author, one import and one class run every check of the contract on
 pytest collects the ``test_*`` methods: values of shape ``(B, dim)``; ``<= 0`` exactly where
 ``reached`` is on kappa's satisfied side (and ``reached(0) = kappa``); gradients reach ``x_hat`` and
 never a frozen network's weights; frozen networks stay in eval mode in training mode; a bad kappa is
-a :class:`ConfigError`; the declared members are sound (the tighter side and the perfect value agree with ``reached``); the name resolves through the registry.
-Override :meth:`ConstraintContract.batch` to feed realistic data.
+a :class:`ConfigError`; the declared members are sound (the tighter side and the perfect value
+agree with ``reached``); the name resolves through the registry. Override
+:meth:`ConstraintContract.batch` to feed realistic data.
 
 ``geco_core.testing`` is itself a plugin (load it with ``GECO_PLUGINS=geco_core.testing``) that
 registers :class:`MeanAbsoluteError` as ``test-mae``: geco's own suite uses it where a test needs a

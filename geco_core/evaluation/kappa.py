@@ -50,7 +50,7 @@ from geco_core.controllers import NormalisedLagrangian
 from geco_core.errors import ConfigError
 from geco_core.figures.run import pyplot, save_figure
 from geco_core.geco import build_controller
-from geco_core.plugins import create
+from geco_core.plugins import create, registry
 from geco_core.training import Callback, Config, Run, TrainerState, load_config, strict_json, train, write_atomic
 from geco_core.training.experiment import PassMeasures, passes
 from geco_core.training.rng import seeded
@@ -102,9 +102,19 @@ def fingerprint(config: Config) -> str:
     """What a finder's result is valid for: the data, the model and the constraint stack (each
     constraint's options but kappa), whatever the optimiser's settings (:func:`settings`)."""
     doc = config.to_dict()
-    constraints = [{k: v for k, v in c.items() if k not in ("kappa", "kappa_psnr")} for c in doc["constraints"]]
+    constraints = [{k: v for k, v in c.items() if k not in _kappa_keys(c["name"])} for c in doc["constraints"]]
     what = {"data": doc["data"], "model": doc["model"], "constraints": constraints}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _kappa_keys(name: str) -> set[str]:
+    """The options that state a constraint's kappa: ``kappa``, and for a constraint with a second
+    unit (its ``also``) ``kappa_<unit>`` (RE's ``kappa_psnr``)."""
+    try:
+        also = getattr(registry().get("constraint", name).factory, "also", None)
+    except ConfigError:
+        also = None
+    return {"kappa"} | ({f"kappa_{also.name}"} if also is not None else set())
 
 
 def settings(config: Config) -> dict[str, Any]:
@@ -700,8 +710,8 @@ def finder_result(config: Config) -> dict[str, Any] | None:
 
 
 def _kappa_of(spec) -> float | None:
-    """A configured constraint's kappa in its own units, also where the config gives it in another
-    (RE's ``kappa_psnr``): the constraint built from the options says; None where it cannot be."""
+    """A configured constraint's kappa in its own units, also where the config gives it in its second
+    unit (``kappa_<unit>``): the constraint built from the options says; None where it cannot be."""
     if "kappa" in spec.options:
         return spec.options["kappa"]
     try:
