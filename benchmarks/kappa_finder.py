@@ -39,7 +39,10 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from geco_core.evaluation.kappa import Finding
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from multipliers import REPO, cell_config, frontier_cell, frontier_kl, run_cell  # noqa: E402
@@ -87,7 +90,7 @@ def run_finder(out: str, stem: str, steps: int) -> dict[str, Any]:
     doc = cell_config(frontier_cell(f"{stem}.toml"), "restart", 0, steps)
     doc["logging"]["progress"] = False
     t0 = time.perf_counter()
-    result = find_kappa(config=Config.from_dict(doc), run_dir=folder)
+    result = find_kappa(config=Config.from_dict(doc), run_dir=folder).to_json()
     result["wall_seconds"] = time.perf_counter() - t0
     (folder / "kappa.json").write_text(json.dumps(result, indent=1))
     return result
@@ -127,9 +130,9 @@ def report(out: Path, steps: int) -> tuple[str, list[dict[str, Any]]]:
         if not finder_path.is_file():
             continue
         finder = json.loads(finder_path.read_text())  # analysed again: the points are what was measured
-        finder["constraints"] = analyse(finder["points"], finder["constraints"], finder["budget"], finder["hold_steps"])
-        name, c = next(iter(finder["constraints"].items()))
-        direction = c["tighter"]
+        analysed = analyse(finder["points"], finder["constraints"], finder["budget"], finder["hold_steps"])
+        name, c = next(iter(analysed.items()))
+        direction = c.tighter
         geco_rows, fixed_rows = [], []
         for name_ in cells:
             path = out / name_ / "restart-s0" / "bench.json"
@@ -153,18 +156,18 @@ def report(out: Path, steps: int) -> tuple[str, list[dict[str, Any]]]:
         reached = [(r["heldout"], f"fixed {r['controller'][6:]}") for r in fixed_rows] + [
             (r["heldout"], f"GECO κ {r['kappa']:g}") for r in [*geco_rows, *pushing]
         ]
-        if reached and c["floor"] is not None:
+        if reached and c.floor is not None:
             best, by = min(reached, key=lambda r: direction * -r[0])
-            diff = (c["floor"] - best) / best
+            diff = (c.floor - best) / best
             verdict = "yes" if abs(diff) <= 0.03 else "no"
-            floors.append(f"| {stem} | {c['floor']:.4f} | {best:.4f} | {by} | {diff:+.1%} | {verdict} |")
-            rows.append({"config": stem, "floor": c["floor"], "best": best, "by": by, "difference": diff})
-        front = frontier_kl(fixed_rows, c["suggested_kappa"]) if c["suggested_kappa"] is not None else None
+            floors.append(f"| {stem} | {c.floor:.4f} | {best:.4f} | {by} | {diff:+.1%} | {verdict} |")
+            rows.append({"config": stem, "floor": c.floor, "best": best, "by": by, "difference": diff})
+        front = frontier_kl(fixed_rows, c.suggested_kappa) if c.suggested_kappa is not None else None
         geco_seconds = [g.get("wall_seconds") or g["seconds"] for g in geco_rows]
         run_s = sum(geco_seconds) / len(geco_seconds) if geco_seconds else None
         finder_s = finder.get("wall_seconds")
         knees.append(
-            f"| {stem} | {_f(c['suggested_kappa'], '.4g')} | {_f(front, '.1f')} | {_f(finder_s, '.0f')} | "
+            f"| {stem} | {_f(c.suggested_kappa, '.4g')} | {_f(front, '.1f')} | {_f(finder_s, '.0f')} | "
             f"{_f(run_s, '.0f')} | {_f(finder_s / run_s if finder_s and run_s else None, '.2f')} |"
         )
     text = "\n".join(lines) + "\n\n" + "\n".join(floors) + "\n\n" + "\n".join(knees) + "\n"
@@ -186,7 +189,7 @@ def run_length(out: str, cell: str, steps: int) -> None:
     find_kappa(REPO / "configs" / path, overrides=[*settings, *overrides], steps=steps, run_dir=folder)
 
 
-def reanalysed(result: dict[str, Any], budget: int) -> dict[str, Any]:
+def reanalysed(result: dict[str, Any], budget: int) -> Finding:
     """A finder result's (only) constraint analysed again from its probes, for ``budget`` steps."""
     from geco_core.evaluation.kappa import analyse
 
@@ -198,7 +201,7 @@ def reanalysed(result: dict[str, Any], budget: int) -> dict[str, Any]:
 
 def interval_kappas(out: str, cell: str) -> list[float]:
     c = reanalysed(json.loads((Path(out) / "lengths" / f"{cell}-2000" / "kappa.json").read_text()), 2000)
-    floor, knee = c["floor"], c["suggested_kappa"]
+    floor, knee = c.floor, c.suggested_kappa
     return [float(f"{floor + f * (knee - floor):.4g}") for f in SLACKS]
 
 
@@ -263,18 +266,18 @@ def lengths_report(out: Path, lengths: list[int], budgets: list[int]) -> str:
                 results[n] = json.loads(path.read_text())
         for budget in budgets:
             floors = {n: reanalysed(r, budget) for n, r in results.items()}
-            ref = floors.get(longest, {}).get("floor")
+            ref = floors[longest].floor if longest in floors else None
             cells = []
             for n in lengths:
                 c = floors.get(n)
                 if c is None:
                     cells.append("-")
-                elif c["floor"] is None:
+                elif c.floor is None:
                     cells.append("cannot tell")
                 elif n == longest or ref is None:
-                    cells.append(f"{c['floor']:.4g} ({c['floor_status']})")
+                    cells.append(f"{c.floor:.4g} ({c.floor_status})")
                 else:
-                    cells.append(f"{c['floor']:.4g} ({(c['floor'] - ref) / ref:+.1%})")
+                    cells.append(f"{c.floor:.4g} ({(c.floor - ref) / ref:+.1%})")
             lines.append(f"| {cell} | {budget} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -123,7 +123,7 @@ def _find_kappa(args: argparse.Namespace) -> int:
 
     result = find_kappa(args.config, overrides=args.set, steps=args.steps, run_dir=args.run_dir)
     print(format_result(result))
-    print(f"written: {result['folder']}/kappa.json, kappa.md, kappa.png")
+    print(f"written: {result.folder}/kappa.json, kappa.md, kappa.png")
     return 0
 
 

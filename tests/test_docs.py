@@ -74,9 +74,9 @@ def test_the_own_loop_finder_example_runs_and_gives_the_commands_result(tmp_path
     before = {k: v.clone() for k, v in geco.state_dict().items() if isinstance(v, torch.Tensor)}
     exec(compile(block, "kappa.md", "exec"), scope)
     result = scope["result"]
-    assert len(result["points"]) == 40 and result["finder_steps"] == 80
-    assert [p["step"] for p in result["points"]] == list(range(2, 81, 2))
-    factors = [p["factor"] for p in result["points"]]
+    assert len(result.points) == 40 and result.finder_steps == 80
+    assert [p["step"] for p in result.points] == list(range(2, 81, 2))
+    factors = [p["factor"] for p in result.points]
     assert max(factors) == pytest.approx(100.0) and factors[-1] == pytest.approx(3e-3, rel=1e-3)  # the ramp
     assert "reachable floor at 200 steps" in result.table() and (tmp_path / "kappa.png").stat().st_size > 5000
     assert geco.controller.name == "restart"

@@ -86,9 +86,9 @@ def test_the_floor_is_never_looser_than_a_value_the_run_measured_nor_the_suggest
     meta = {"re": {"units": "rmse", "kappa": 0.1, "tighter": -1, "perfect": 0.0}}
     (result,) = finder.analyse(held + ramp, meta, budget=2000, hold_steps=1000).values()
     extrapolated = 0.08 + 0.5 * 2000**-0.5
-    assert result["floor"] == pytest.approx(0.065) and 0.065 < extrapolated
-    assert result["suggested_kappa"] >= result["floor"]
-    assert all(row["kappa"] >= result["floor"] - 1e-3 for row in result["table"])  # 3 digits
+    assert result.floor == pytest.approx(0.065) and 0.065 < extrapolated
+    assert result.suggested_kappa >= result.floor
+    assert all(row.kappa >= result.floor - 1e-3 for row in result.table)  # 3 digits
     assert finder.predict_kl(result, 0.064) is None  # tighter than anything reached: out of reach
 
 
@@ -119,17 +119,21 @@ def test_a_floor_never_passes_perfect_and_is_not_extrapolated_beyond_what_the_fi
     ]
     meta = {"re": {"units": "rmse", "kappa": 0.1, "tighter": -1, "perfect": 0.0}}
     (near,) = finder.analyse(held + down, meta, budget=within, hold_steps=150).values()
-    assert near["floor_status"] == "extrapolated" and near["floor"] == 0.0
+    assert near.floor_status == "extrapolated" and near.floor == 0.0
     (far,) = finder.analyse(held + down, meta, budget=within + 1, hold_steps=150).values()
-    assert far["floor"] is None and far["floor_status"] == "cannot tell"
-    assert far["table"] and far["table"][0]["kappa"] == pytest.approx(far["floor_measured"], rel=1e-2)
-    fake = {
-        "budget": within + 1,
-        "finder_steps": 300,
-        "hold_steps": 150,
-        "knee": finder.KNEE,
-        "constraints": {"re": far},
-    }
+    assert far.floor is None and far.floor_status == "cannot tell"
+    assert far.table and far.table[0].kappa == pytest.approx(far.floor_measured, rel=1e-2)
+    fake = finder.KappaResult(
+        folder=None,
+        config_fingerprint=None,
+        settings=None,
+        budget=within + 1,
+        finder_steps=300,
+        hold_steps=150,
+        knee=finder.KNEE,
+        constraints={"re": far},
+        points=(),
+    )
     text = finder.format_result(fake)
     assert (
         "cannot tell at this length" in text
@@ -138,7 +142,7 @@ def test_a_floor_never_passes_perfect_and_is_not_extrapolated_beyond_what_the_fi
     meta = {"pncc": {"units": "r", "kappa": 0.9, "tighter": 1, "perfect": 1.0}}
     rising = [{"step": s, "values": {"pncc": 1.1 - 0.5 * s**-0.3}, "kl": 50.0} for s in steps]
     (capped,) = finder.analyse(rising, meta, budget=within, hold_steps=150).values()
-    assert capped["floor"] == 1.0 and capped["floor_status"] == "extrapolated"
+    assert capped.floor == 1.0 and capped.floor_status == "extrapolated"
 
 
 def test_the_default_finder_is_long_enough_for_its_floor_to_reach_the_budget():
@@ -149,13 +153,19 @@ def test_the_default_finder_is_long_enough_for_its_floor_to_reach_the_budget():
 
 
 def test_predictions_interpolate_the_way_down_log_linearly_correct_it_and_say_where_they_come_from():
-    result = {
-        "tighter": -1,
-        "floor": 0.06,
-        "floor_measured": 0.065,
-        "kl_at_high": 150.0,
-        "curve": [{"value": 0.2, "kl": 5.0}, {"value": 0.1, "kl": 20.0}, {"value": 0.07, "kl": 80.0}],
-    }
+    result = finder.Finding(
+        units="rmse",
+        kappa=0.1,
+        tighter=-1,
+        perfect=0.0,
+        floor=0.06,
+        floor_status="extrapolated",
+        floor_measured=0.065,
+        fit={},
+        kl_at_high=150.0,
+        suggested_kappa=None,
+        curve=((0.2, 5.0), (0.1, 20.0), (0.07, 80.0)),
+    )
     cases = {
         0.15: (math.exp((math.log(5) + math.log(20)) / 2), "interpolated"),
         0.085: (math.exp((math.log(20) + math.log(80)) / 2), "interpolated"),
@@ -185,7 +195,7 @@ def test_the_frugal_kappa_pays_half_the_knees_kl():
     held = [{"step": s, "values": {"re": values[-1]}, "kl": 500.0, "factor": 100.0} for s in (500, 750, 1000)]
     meta = {"re": {"units": "rmse", "kappa": 0.1, "tighter": -1, "perfect": 0.0}}
     (c,) = finder.analyse(held + down, meta, budget=1000, hold_steps=1000).values()
-    knee, frugal = c["suggested_kappa"], c["frugal_kappa"]
+    knee, frugal = c.suggested_kappa, c.frugal_kappa
     assert values[-1] < knee < frugal < values[0]
     half = 0.5 * finder.predict_kl(c, knee)
     assert finder.predict_kl(c, frugal) == pytest.approx(half, rel=1e-6)
@@ -267,7 +277,7 @@ def test_the_finders_curve_follows_the_distortion_rate_curve_of_a_gaussian_sourc
     pixels = gaussian_source().images.float().view(-1, 16) / 255
     variances = torch.linalg.eigvalsh(torch.cov(pixels.T)).clamp(min=1e-9).tolist()
     result = finder.find_kappa(config=Config.from_dict(doc), run_dir=tmp_path / "finder")
-    curve = result["constraints"]["re"]["curve"]
+    curve = [{"value": v, "kl": k} for v, k in result.constraint("re").curve]
     assert len(curve) >= 5
     for point in curve:
         bound = rate_distortion(point["value"] ** 2, variances)
@@ -452,10 +462,17 @@ def test_the_floor_warning_compares_a_kappa_given_in_db_like_one_given_as_rmse(t
     as_db = config(constraints=[{"name": "re", "kappa_psnr": 30}], **base)
     as_rmse = config(constraints=[{"name": "re", "kappa": 0.0316}], **base)
     assert finder.fingerprint(as_db) == finder.fingerprint(as_rmse)
-    meta = {"floor": 0.05, "suggested_kappa": 0.06, "tighter": -1}
-    result = {"config_fingerprint": finder.fingerprint(as_db), "budget": 1000, "constraints": {"re": meta}}
+    found = finder.Finding(
+        units="rmse", kappa=0.1, tighter=-1, perfect=0.0, floor=0.05, floor_status="extrapolated",
+        floor_measured=0.055, fit={}, kl_at_high=None, suggested_kappa=0.06, curve=(),
+    )  # fmt: skip
+    result = finder.KappaResult(
+        folder=None, config_fingerprint=finder.fingerprint(as_db), settings=None, budget=1000, finder_steps=400,
+        hold_steps=200, knee=finder.KNEE, constraints={"re": found}, points=(),
+    )  # fmt: skip
+    assert finder.KappaResult.from_json(json.loads(json.dumps(result.to_json()))) == result  # kappa.json reads back
     (tmp_path / "kappa-tiny").mkdir()
-    (tmp_path / "kappa-tiny" / "kappa.json").write_text(json.dumps(result))
+    (tmp_path / "kappa-tiny" / "kappa.json").write_text(json.dumps(result.to_json()))
     (db,), (rmse,) = finder.below_floor(as_db), finder.below_floor(as_rmse)
     assert db.startswith("re: kappa 0.0316") and rmse.startswith("re: kappa 0.0316")
     loose = config(constraints=[{"name": "re", "kappa_psnr": 20}], **base)  # RMSE 0.1: above the floor

@@ -23,7 +23,7 @@ def test_the_tutorial_notebook_runs_its_cells_in_order(tmp_path, monkeypatch):
     for cell in code:
         exec(compile("".join(cell["source"]), "tutorial.ipynb", "exec"), scope)
     result, geco = scope["result"], scope["geco"]
-    assert len(result["points"]) == 40 and result.suggestion() == scope["kappa"]
+    assert len(result.points) == 40 and result.suggestion() == scope["kappa"]
     assert (tmp_path / "kappa.png").stat().st_size > 5000
     assert int(geco.step) == 80 and bool(geco.validated)  # held-out kappa was measured
     assert float(geco.constraints[0].kappa) == scope["kappa"]

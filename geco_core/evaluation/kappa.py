@@ -38,7 +38,7 @@ import copy
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ import torch
 from geco_core.constraint import perfect, tighter
 from geco_core.controllers import NormalisedLagrangian
 from geco_core.errors import ConfigError
-from geco_core.figures.run import pyplot, save_figure
+from geco_core.figures.kappa import plot_result
 from geco_core.geco import build_controller
 from geco_core.plugins import create, registry
 from geco_core.training import Callback, Config, Run, TrainerState, load_config, strict_json, train, write_atomic
@@ -242,57 +242,134 @@ INTERVALS: dict[str, tuple[float, float]] = {
 }
 
 
-def predict(result: dict[str, Any], kappa: float) -> Prediction:
-    """The KL a GECO run at ``kappa`` is predicted to pay, from one constraint's finder result: the
-    way down's KL (log-linear between the points of the curve around ``kappa``; the loosest point's
-    where ``kappa`` is looser than every point) corrected by :data:`SLOPE` and :data:`OFFSET`;
-    :data:`HELD` times the KL at the held high lambda between the curve's tightest point and the
-    floor (where a GECO run whose kappa the way down never reached ends); out of reach tighter than
-    the floor. With its interval (:data:`INTERVALS`)."""
-    direction = _tighter(result)
-    envelope = [(q["value"], q["kl"]) for q in result["curve"]]
-    way, where = None, "out of reach"
-    if envelope:
-        loose, tight = envelope[0], envelope[-1]
-        if direction * (kappa - tight[0]) > 0:
-            floor = result["floor"] if result["floor"] is not None else result["floor_measured"]
-            if floor is not None and direction * (kappa - floor) <= 0 and result["kl_at_high"] is not None:
-                way, where = result["kl_at_high"], "held"
-        elif direction * (kappa - loose[0]) <= 0:
-            way, where = loose[1], "looser than measured"
-        else:
-            for (v0, k0), (v1, k1) in zip(envelope, envelope[1:]):
-                if direction * (kappa - v0) >= 0 and direction * (kappa - v1) <= 0:
-                    t = 0.0 if v1 == v0 else (kappa - v0) / (v1 - v0)
-                    way = math.exp((1 - t) * math.log(max(k0, 1e-6)) + t * math.log(max(k1, 1e-6)))
-                    where = "interpolated"
-                    break
-    if way is None:
-        return Prediction(None, "out of reach")
-    kl = HELD * way if where == "held" else max(SLOPE * way - OFFSET, MIN_SHARE * way)
-    low, high = INTERVALS[where]
-    return Prediction(kl, where, kl * low, kl * high, way)
+@attrs.frozen
+class TableRow:
+    """One row of the finder's table: ``kappa``, the KL a GECO run there is predicted to pay and its
+    interval (nats; None out of reach), and where the prediction comes from (``kappa.json``: ``from``)."""
+
+    kappa: float
+    predicted_kl: float | None
+    low: float | None
+    high: float | None
+    where: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kappa": self.kappa, "predicted_kl": self.predicted_kl, "low": self.low, "high": self.high,
+                "from": self.where}  # fmt: skip
 
 
-def predict_kl(result: dict[str, Any], kappa: float) -> float | None:
-    """The KL of :func:`predict`, nats (None: out of reach)."""
-    return predict(result, kappa).kl
+@attrs.frozen(kw_only=True)
+class Finding:
+    """What the finder found for one constraint (:func:`analyse`).
+
+    units, kappa:    the constraint's units and its configured kappa
+    tighter:         -1 where smaller values are tighter, +1 where larger are; ``perfect``: the
+                     value of a perfect reconstruction (:func:`~geco_core.constraint.tighter`)
+    floor:           the tightest kappa reachable at the budget (None: cannot tell at this length);
+                     ``floor_status``: extrapolated, measured or cannot tell; ``floor_measured``: the
+                     best value measured anywhere; ``fit``: the held part's learning curve
+                     (``v_inf + a t^-b``; empty where none)
+    kl_at_high:      mean KL (nats) at the held high lambda, the last probes before the way down
+    curve:           the way down's envelope, ``(value, KL)`` from loose to tight
+    suggested_kappa: the knee; ``frugal_kappa``: where the predicted KL is half the knee's
+    table:           kappa against predicted KL (:class:`TableRow`)
+    """
+
+    units: str
+    kappa: float
+    tighter: int
+    perfect: float
+    floor: float | None
+    floor_status: str
+    floor_measured: float | None
+    fit: Mapping[str, float]
+    kl_at_high: float | None
+    suggested_kappa: float | None
+    curve: tuple[tuple[float, float], ...]
+    frugal_kappa: float | None = None
+    table: tuple[TableRow, ...] = ()
+
+    @property
+    def direction(self) -> str:
+        return "lower is tighter" if self.tighter < 0 else "higher is tighter"
+
+    def predict(self, kappa: float) -> Prediction:
+        """The KL a GECO run at ``kappa`` is predicted to pay: the way down's KL (log-linear between
+        the points of the curve around ``kappa``; the loosest point's where ``kappa`` is looser than
+        every point) corrected by :data:`SLOPE` and :data:`OFFSET`; :data:`HELD` times the KL at the
+        held high lambda between the curve's tightest point and the floor (where a GECO run whose
+        kappa the way down never reached ends); out of reach tighter than the floor. With its
+        interval (:data:`INTERVALS`)."""
+        direction = self.tighter
+        envelope = list(self.curve)
+        way, where = None, "out of reach"
+        if envelope:
+            loose, tight = envelope[0], envelope[-1]
+            if direction * (kappa - tight[0]) > 0:
+                floor = self.floor if self.floor is not None else self.floor_measured
+                if floor is not None and direction * (kappa - floor) <= 0 and self.kl_at_high is not None:
+                    way, where = self.kl_at_high, "held"
+            elif direction * (kappa - loose[0]) <= 0:
+                way, where = loose[1], "looser than measured"
+            else:
+                for (v0, k0), (v1, k1) in zip(envelope, envelope[1:]):
+                    if direction * (kappa - v0) >= 0 and direction * (kappa - v1) <= 0:
+                        t = 0.0 if v1 == v0 else (kappa - v0) / (v1 - v0)
+                        way = math.exp((1 - t) * math.log(max(k0, 1e-6)) + t * math.log(max(k1, 1e-6)))
+                        where = "interpolated"
+                        break
+        if way is None:
+            return Prediction(None, "out of reach")
+        kl = HELD * way if where == "held" else max(SLOPE * way - OFFSET, MIN_SHARE * way)
+        low, high = INTERVALS[where]
+        return Prediction(kl, where, kl * low, kl * high, way)
+
+    def to_json(self) -> dict[str, Any]:
+        """As ``kappa.json`` holds it."""
+        return {
+            "units": self.units, "kappa": self.kappa, "tighter": self.tighter, "direction": self.direction,
+            "perfect": self.perfect, "floor": self.floor, "floor_status": self.floor_status,
+            "floor_measured": self.floor_measured, "fit": dict(self.fit), "kl_at_high": self.kl_at_high,
+            "suggested_kappa": self.suggested_kappa, "curve": [{"value": v, "kl": k} for v, k in self.curve],
+            "frugal_kappa": self.frugal_kappa, "table": [row.to_json() for row in self.table],
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, c: Mapping[str, Any]) -> Finding:
+        """A finding as :meth:`to_json` wrote it (files of 0.4.0 say which way is tighter in words)."""
+        table = tuple(TableRow(r["kappa"], r["predicted_kl"], r["low"], r["high"], r["from"]) for r in c["table"])
+        return cls(
+            units=c["units"], kappa=c["kappa"], tighter=_tighter(c), perfect=c.get("perfect", 0.0),
+            floor=c["floor"], floor_status=c["floor_status"], floor_measured=c["floor_measured"],
+            fit=c.get("fit") or {}, kl_at_high=c["kl_at_high"], suggested_kappa=c["suggested_kappa"],
+            curve=tuple((q["value"], q["kl"]) for q in c["curve"]), frugal_kappa=c["frugal_kappa"], table=table,
+        )  # fmt: skip
 
 
-def _frugal(result: dict[str, Any]) -> float | None:
+def predict(finding: Finding, kappa: float) -> Prediction:
+    """:meth:`Finding.predict`."""
+    return finding.predict(kappa)
+
+
+def predict_kl(finding: Finding, kappa: float) -> float | None:
+    """The KL of :meth:`Finding.predict`, nats (None: out of reach)."""
+    return finding.predict(kappa).kl
+
+
+def _frugal(finding: Finding) -> float | None:
     """The kappa, looser than the knee, at which a GECO run is predicted to pay half the knee's KL
     (bisection along the curve, where the prediction falls as kappa loosens); None where the curve
     ends first."""
-    knee, curve = result["suggested_kappa"], result["curve"]
+    knee, curve = finding.suggested_kappa, finding.curve
     if knee is None or not curve:
         return None
-    target = 0.5 * predict(result, knee).kl
-    tight, loose = knee, curve[0]["value"]
-    if predict(result, loose).kl > target:
+    target = 0.5 * finding.predict(knee).kl
+    tight, loose = knee, curve[0][0]
+    if finding.predict(loose).kl > target:
         return None
     for _ in range(60):
         middle = (tight + loose) / 2
-        tight, loose = (middle, loose) if predict(result, middle).kl > target else (tight, middle)
+        tight, loose = (middle, loose) if finding.predict(middle).kl > target else (tight, middle)
     return loose
 
 
@@ -334,10 +411,12 @@ def describe(stack) -> dict[str, dict[str, Any]]:
     return out
 
 
-def analyse(points: Sequence[dict[str, Any]], constraints: dict[str, dict], budget: int, hold_steps: int) -> dict:
+def analyse(
+    points: Sequence[dict[str, Any]], constraints: dict[str, dict], budget: int, hold_steps: int
+) -> dict[str, Finding]:
     """Per constraint (:func:`describe`): the floor at ``budget``, the curve, the table and the
     suggestion (module docstring) from the probe ``points``."""
-    out: dict[str, Any] = {}
+    out: dict[str, Finding] = {}
     last = max((p["step"] for p in points), default=0)
     for name, meta in constraints.items():
         direction = _tighter(meta)
@@ -349,27 +428,26 @@ def analyse(points: Sequence[dict[str, Any]], constraints: dict[str, dict], budg
         suggestion = _knee(envelope, meta.get("perfect", 0.0)) if envelope else None
         kappas = _grid(measured if floor is None else floor, envelope, direction)
         high = [p["kl"] for p in points if p["step"] <= hold_steps][-3:]
-        out[name] = result = {
-            "units": meta["units"],
-            "kappa": meta["kappa"],
-            "tighter": direction,
-            "direction": "lower is tighter" if direction < 0 else "higher is tighter",
-            "perfect": meta.get("perfect", 0.0),
-            "floor": floor,
-            "floor_status": status,
-            "floor_measured": measured,
-            "fit": fit,
-            "kl_at_high": sum(high) / len(high) if high else None,
-            "suggested_kappa": suggestion,
-            "curve": [{"value": v, "kl": k} for v, k in envelope],
-        }
-        result["frugal_kappa"] = _frugal(result)
-        result["table"] = [_row(k, predict(result, k)) for k in kappas]
+        finding = Finding(
+            units=meta["units"],
+            kappa=meta["kappa"],
+            tighter=direction,
+            perfect=meta.get("perfect", 0.0),
+            floor=floor,
+            floor_status=status,
+            floor_measured=measured,
+            fit=fit,
+            kl_at_high=sum(high) / len(high) if high else None,
+            suggested_kappa=suggestion,
+            curve=tuple((v, k) for v, k in envelope),
+        )
+        finding = attrs.evolve(finding, frugal_kappa=_frugal(finding))
+        out[name] = attrs.evolve(finding, table=tuple(_row(k, finding.predict(k)) for k in kappas))
     return out
 
 
-def _row(kappa: float, p: Prediction) -> dict[str, Any]:
-    return {"kappa": kappa, "predicted_kl": p.kl, "low": p.low, "high": p.high, "from": p.where}
+def _row(kappa: float, p: Prediction) -> TableRow:
+    return TableRow(kappa, p.kl, p.low, p.high, p.where)
 
 
 def _floor(held, measured, budget: int, steps: int, hold_steps: int, direction: int, perfect: float):
@@ -480,50 +558,85 @@ def _result(points, stack, budget: int, hold: int, config: Config | None, folder
         hold_steps=hold,
         knee=KNEE,
         constraints=analyse(points, describe(stack), budget, hold),
-        points=points,
+        points=tuple(points),
     )
     if folder is not None:
         result.save(folder)
     return result
 
 
-class KappaResult(dict):
-    """A finder's result, as ``kappa.json`` holds it (a dict: ``constraints`` maps each constraint's
-    name to its floor, curve, table and suggestion), with what a user asks of it."""
+@attrs.frozen(kw_only=True)
+class KappaResult:
+    """A finder's result (``kappa.json``), shaped as Lightning's LR finder's: per constraint a
+    :class:`Finding` (floor, curve, table, suggestion), the probes it came from, and what a user asks
+    of it (:meth:`suggestion`, :meth:`predict_kl`, :meth:`table`, :meth:`plot`, :meth:`save`).
 
-    def constraint(self, name: str | None = None) -> dict[str, Any]:
-        """One constraint's part: ``name``, or the first constraint's."""
-        parts = self["constraints"]
+    budget:             the GECO run length the predictions are for; ``finder_steps``: the finder's;
+                        ``hold_steps``: its held part; ``knee``: :data:`KNEE`
+    config_fingerprint, settings: what the result counts for (:func:`fingerprint`) and the optimiser
+                        settings it ran with (None outside ``geco find-kappa``); ``folder``: its run
+    points:             the probes: ``step``, ``values`` by constraint (kappa's units), ``kl``
+                        (nats) and ``factor`` (lambda / natural scale)
+    """
+
+    folder: str | None
+    config_fingerprint: str | None
+    settings: Mapping[str, Any] | None
+    budget: int
+    finder_steps: int
+    hold_steps: int
+    knee: float
+    constraints: Mapping[str, Finding]
+    points: tuple[Mapping[str, Any], ...]
+
+    def constraint(self, name: str | None = None) -> Finding:
+        """One constraint's finding: ``name``, or the first constraint's."""
         if name is None:
-            return next(iter(parts.values()))
-        if name not in parts:
-            raise KeyError(f"no constraint {name!r} in this finder's result (it has {', '.join(parts)})")
-        return parts[name]
+            return next(iter(self.constraints.values()))
+        if name not in self.constraints:
+            raise KeyError(f"no constraint {name!r} in this finder's result (it has {', '.join(self.constraints)})")
+        return self.constraints[name]
 
     def predict_kl(self, kappa: float, constraint: str | None = None) -> float | None:
-        """The KL (nats) a GECO run at ``kappa`` is predicted to pay (:func:`predict_kl`)."""
-        return predict_kl(self.constraint(constraint), kappa)
+        """The KL (nats) a GECO run at ``kappa`` is predicted to pay (:meth:`Finding.predict`)."""
+        return self.constraint(constraint).predict(kappa).kl
 
     def suggestion(self, constraint: str | None = None) -> float | None:
         """The suggested kappa, the knee (module docstring)."""
-        return self.constraint(constraint)["suggested_kappa"]
+        return self.constraint(constraint).suggested_kappa
 
     def table(self) -> str:
         """What ``geco find-kappa`` prints (:func:`format_result`)."""
         return format_result(self)
 
     def plot(self, path: str | Path) -> Path:
-        """The finder's figure (:func:`plot_result`) as ``path``."""
+        """The finder's figure (:func:`~geco_core.figures.kappa.plot_result`) as ``path``."""
         return plot_result(self, Path(path))
 
     def save(self, folder: str | Path) -> Path:
         """``kappa.json``, ``kappa.md`` and ``kappa.png`` in ``folder``; returns it."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / "kappa.json", lambda f: f.write(strict_json(dict(self), indent=1).encode()))
+        write_atomic(folder / "kappa.json", lambda f: f.write(strict_json(self.to_json(), indent=1).encode()))
         write_atomic(folder / "kappa.md", lambda f: f.write(self.table().encode()))
         self.plot(folder / "kappa.png")
         return folder
+
+    def to_json(self) -> dict[str, Any]:
+        """As ``kappa.json`` holds it."""
+        fields = {a.name: getattr(self, a.name) for a in attrs.fields(KappaResult)}
+        fields["settings"] = None if self.settings is None else dict(self.settings)
+        fields["constraints"] = {name: c.to_json() for name, c in self.constraints.items()}
+        fields["points"] = [dict(p) for p in self.points]
+        return fields
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> KappaResult:
+        """A result as :meth:`to_json` wrote it (``kappa.json``)."""
+        names = {a.name for a in attrs.fields(KappaResult)} - {"constraints", "points", "settings"}
+        fields = {k: doc[k] for k in names}
+        constraints = {name: Finding.from_json(c) for name, c in doc["constraints"].items()}
+        return cls(**fields, settings=doc.get("settings"), constraints=constraints, points=tuple(doc["points"]))
 
 
 class KappaFinder:
@@ -586,126 +699,67 @@ class KappaFinder:
         return _result(self.points, self.geco.stack, self.budget, int(HOLD * self.steps), self.config, folder)
 
 
-def format_result(result: dict[str, Any]) -> str:
+def format_result(result: KappaResult) -> str:
     """What ``geco find-kappa`` prints: per constraint, the floor, the suggestion, the table."""
-    lines = [f"kappa finder: {result['finder_steps']} steps; the floor is for runs of {result['budget']} steps"]
-    for name, c in result["constraints"].items():
+    lines = [f"kappa finder: {result.finder_steps} steps; the floor is for runs of {result.budget} steps"]
+    for name, c in result.constraints.items():
         lines += [
             "",
-            f"{name} ({c['units']}; {c['direction']}; configured kappa {c['kappa']:g})",
-            f"  reachable floor at {result['budget']} steps: {_floor_text(result, c)}",
-            f"  suggested kappa {_num(c['suggested_kappa'])}, the knee: the tightest worth paying for (a further 1% "
-            f"of the slack costs more than {result['knee']:.0%} more KL); predicted KL "
-            f"{_kl_text(c, c['suggested_kappa'])}",
-            f"  frugal kappa {_num(c['frugal_kappa'])}: half the knee's KL; predicted KL "
-            f"{_kl_text(c, c['frugal_kappa'])}",
+            f"{name} ({c.units}; {c.direction}; configured kappa {c.kappa:g})",
+            f"  reachable floor at {result.budget} steps: {_floor_text(result, c)}",
+            f"  suggested kappa {_num(c.suggested_kappa)}, the knee: the tightest worth paying for (a further 1% "
+            f"of the slack costs more than {result.knee:.0%} more KL); predicted KL "
+            f"{_kl_text(c, c.suggested_kappa)}",
+            f"  frugal kappa {_num(c.frugal_kappa)}: half the knee's KL; predicted KL {_kl_text(c, c.frugal_kappa)}",
             "",
             "  predicted KL: what a GECO run at kappa pays, from the finder's way down (a model trained "
-            f"{result['finder_steps']} steps) as the benchmark corrected it, and the interval that held the "
+            f"{result.finder_steps} steps) as the benchmark corrected it, and the interval that held the "
             "benchmark's runs (docs/kappa.md)",
             "  | kappa | predicted KL (nats) | interval (nats) | from |",
             "  |---|---|---|---|",
         ]
         lines += [
-            f"  | {row['kappa']:g} | {_num(row['predicted_kl'], '.1f')} | "
-            f"{_num(row['low'], '.1f')}–{_num(row['high'], '.1f')} | {row['from']} |"
-            for row in c["table"]
+            f"  | {row.kappa:g} | {_num(row.predicted_kl, '.1f')} | "
+            f"{_num(row.low, '.1f')}–{_num(row.high, '.1f')} | {row.where} |"
+            for row in c.table
         ]
     return "\n".join(lines) + "\n"
 
 
-def _kl_text(c: dict[str, Any], kappa: float | None) -> str:
+def _kl_text(c: Finding, kappa: float | None) -> str:
     if kappa is None:
         return "-"
-    p = predict(c, kappa)
+    p = c.predict(kappa)
     return "-" if p.kl is None else f"{p.kl:.3g} nats ({p.low:.3g}–{p.high:.3g}, {p.where})"
 
 
-def _floor_text(result: dict[str, Any], c: dict[str, Any]) -> str:
-    status = c["floor_status"]
+def _floor_text(result: KappaResult, c: Finding) -> str:
+    status = c.floor_status
     if status == "cannot tell":
         return (
-            f"cannot tell at this length (the finder extrapolates at most {REACH}x its {result['hold_steps']} held "
-            f"steps: run it with --steps {telling_steps(result['budget'])} or more); best measured "
-            f"{_num(c['floor_measured'])}"
+            f"cannot tell at this length (the finder extrapolates at most {REACH}x its {result.hold_steps} held "
+            f"steps: run it with --steps {telling_steps(result.budget)} or more); best measured "
+            f"{_num(c.floor_measured)}"
         )
-    return f"{_num(c['floor'])} ({status}; best measured {_num(c['floor_measured'])})"
+    return f"{_num(c.floor)} ({status}; best measured {_num(c.floor_measured)})"
 
 
 def _num(value: float | None, spec: str = ".4g") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def plot_result(result: dict[str, Any], path: Path) -> Path:
-    """Per constraint: the way down (value against KL, coloured by lambda / natural scale, the
-    predictions' intervals shaded, the floor, the knee and the frugal kappa marked) and the held
-    part's learning curve with its fit."""
-    plt = pyplot()
-    from matplotlib.colors import LogNorm
-
-    names = list(result["constraints"])
-    fig, axes = plt.subplots(len(names), 2, figsize=(10, 3.8 * len(names)), squeeze=False, layout="constrained")
-    points = result["points"]
-    hold = result["hold_steps"]
-    for row, name in zip(axes, names):
-        c = result["constraints"][name]
-        ramp = [p for p in points if p["step"] > hold]
-        ax = row[0]
-        drawn = ax.scatter(
-            [p["values"][name] for p in ramp],
-            [p["kl"] for p in ramp],
-            c=[p["factor"] for p in ramp],
-            cmap="viridis",
-            norm=LogNorm(),
-            s=14,
-        )
-        curve = c["curve"]
-        ax.plot([q["value"] for q in curve], [q["kl"] for q in curve], color="grey", lw=1, label="way down (envelope)")
-        rows = [r for r in c["table"] if r["low"] is not None]
-        if rows:  # the interval around each prediction of the table
-            ax.fill_between(
-                [r["kappa"] for r in rows],
-                [r["low"] for r in rows],
-                [r["high"] for r in rows],
-                color="grey",
-                alpha=0.15,
-                lw=0,
-                label="a GECO run's KL, predicted interval",
-            )
-        if c["floor"] is not None:
-            ax.axvline(c["floor"], color="crimson", ls="--", lw=1, label=f"floor {c['floor']:.4g} (tightest reachable)")
-        marks = (("suggested_kappa", "black", "knee κ {:.4g} (tightest worth it)"), ("frugal_kappa", "tab:green",
-                 "frugal κ {:.4g} (half the knee's KL)"))  # fmt: skip
-        for key, colour, label in marks:
-            if c[key] is not None:
-                ax.axvline(c[key], color=colour, ls=":", lw=1.2, label=label.format(c[key]))
-        ax.set(xlabel=f"κ: {c['units']}", ylabel="KL (nats, validation)", yscale="log", title=f"{name}: κ against KL")
-        ax.legend(fontsize=8)
-        fig.colorbar(drawn, ax=ax, label="λ / natural scale")
-        ax = row[1]
-        held = [p for p in points if p["step"] <= hold]
-        ax.plot([p["step"] for p in held], [p["values"][name] for p in held], "o", ms=3, label="measured (λ held high)")
-        if c["fit"]:
-            f = c["fit"]
-            ts = torch.linspace(max(1, 0.5 * hold), result["budget"], 100).tolist()
-            ax.plot(ts, [f["v_inf"] + f["a"] * t ** (-f["b"]) for t in ts], color="crimson", lw=1, label="fit")
-        ax.axvline(result["budget"], color="grey", ls=":", lw=1, label="budget")
-        ax.set(xlabel="step", ylabel=c["units"], title=f"{name}: learning curve, extrapolated")
-        ax.legend(fontsize=8)
-    return save_figure(fig, path, dpi=100)
-
-
-def finder_result(config: Config) -> dict[str, Any] | None:
+def finder_result(config: Config) -> KappaResult | None:
     """The newest finder result under ``logging.dir`` made for this config (same fingerprint)."""
     want = fingerprint(config)
     found = []
     for path in Path(config.logging.dir).glob("*/kappa.json"):
         try:
-            result = json.loads(path.read_text())
-        except (OSError, ValueError):
+            doc = json.loads(path.read_text())
+            if doc.get("config_fingerprint") != want:
+                continue
+            found.append((path.stat().st_mtime, KappaResult.from_json(doc)))
+        except (OSError, ValueError, KeyError, TypeError):  # not a finder's result of this version
             continue
-        if result.get("config_fingerprint") == want:
-            found.append((path.stat().st_mtime, result))
     return max(found, key=lambda f: f[0])[1] if found else None
 
 
@@ -725,9 +779,9 @@ def below_floor(config: Config) -> list[str]:
     config (same data, model and constraint stack); each says where the finder ran with other
     optimiser settings."""
     result = finder_result(config)
-    if result is None or config.train.steps > result["budget"]:  # a longer run may reach further
+    if result is None or config.train.steps > result.budget:  # a longer run may reach further
         return []
-    theirs, ours = result.get("settings") or {}, settings(config)
+    theirs, ours = result.settings or {}, settings(config)
     differ = [
         f"{k} {theirs.get(k)!r} (here {ours.get(k)!r})"
         for k in sorted({*theirs, *ours})
@@ -735,11 +789,11 @@ def below_floor(config: Config) -> list[str]:
     ]
     note = f"; the finder ran with other settings: {', '.join(differ)}" if differ else ""
     lines = []
-    for spec, (name, c) in zip(config.constraints, result["constraints"].items()):
-        kappa, floor = _kappa_of(spec), c.get("floor")
-        if kappa is not None and floor is not None and _tighter(c) * (kappa - floor) > 0:
+    for spec, (name, c) in zip(config.constraints, result.constraints.items()):
+        kappa, floor = _kappa_of(spec), c.floor
+        if kappa is not None and floor is not None and c.tighter * (kappa - floor) > 0:
             lines.append(
-                f"{name}: kappa {kappa:g} is tighter than the reachable floor {floor:.4g} at {result['budget']} "
-                f"steps found by geco find-kappa (suggested {_num(c['suggested_kappa'])}){note}"
+                f"{name}: kappa {kappa:g} is tighter than the reachable floor {floor:.4g} at {result.budget} "
+                f"steps found by geco find-kappa (suggested {_num(c.suggested_kappa)}){note}"
             )
     return lines

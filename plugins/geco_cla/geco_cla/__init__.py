@@ -123,7 +123,8 @@ class ClassifierAccuracy(Constraint):
         labels = batch.labels
         if labels is None or not self.use_labels:
             with torch.no_grad():
-                return self.classifier(batch.x.reshape(b * c, 1, *batch.x.shape[2:])).argmax(1).reshape(b, c)
+                logits = self.classifier(batch.x.reshape(b * c, 1, *batch.x.shape[2:]))
+                return logits[:, :10].argmax(1).reshape(b, c)  # a digit, never an eleventh "not a digit"
         labels = labels.reshape(b, -1)
         if labels.shape[1] != c:
             raise ValueError(f"cla: {labels.shape[1]} label(s) per example for {c} channel(s) of digits")

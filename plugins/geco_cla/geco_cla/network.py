@@ -41,14 +41,15 @@ def _block(cin: int, cout: int) -> list[nn.Module]:
 
 
 class DigitClassifier(nn.Module):
-    """``(B, 1, 28, 28)`` pixels in [0, 1] -> ``(B, 10)`` logits."""
+    """``(B, 1, 28, 28)`` pixels in [0, 1] -> ``(B, classes)`` logits: the ten digits, and where
+    ``classes = 11`` an eleventh, "not a digit" (a network trained to reject off-data images)."""
 
-    def __init__(self) -> None:
+    def __init__(self, classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
             *_block(1, 32), *_block(32, 32), nn.MaxPool2d(2), *_block(32, 64), *_block(64, 64), nn.MaxPool2d(2)
         )
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features((x - MEAN) / STD))
@@ -60,7 +61,8 @@ def load_classifier(path: str | Path | None = None) -> DigitClassifier:
     ``python -m geco_cla.train --dataset fashion-mnist``)."""
     file, sha = SHIPPED.get(str(path or "shipped"), (Path(str(path)), None))
     state, _ = load_safetensors(file, owner="cla", sha256_expected=sha, distribution="geco-cla")
-    model = DigitClassifier()
+    head = state.get("head.2.weight")
+    model = DigitClassifier(classes=head.shape[0] if head is not None else 10)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -144,12 +144,12 @@ def test_find_kappa_on_a_lightning_module_is_the_own_loop_finder_and_puts_the_we
                 if step == steps:
                     break
     mine = finder.result()
-    assert len(result["points"]) == len(mine["points"]) == 40
-    for a, b in zip(result["points"], mine["points"]):
+    assert len(result.points) == len(mine.points) == 40
+    for a, b in zip(result.points, mine.points):
         assert a["step"] == b["step"] and a["factor"] == pytest.approx(b["factor"], rel=1e-5)
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-6)
         assert a["values"]["test-mae"] == pytest.approx(b["values"]["test-mae"], rel=1e-4)
     assert result.suggestion() == pytest.approx(mine.suggestion(), rel=1e-3)
     assert result.table().splitlines()[0] == "kappa finder: 80 steps; the floor is for runs of 200 steps"
-    floor = result.constraint("test-mae")["floor"]
+    floor = result.constraint("test-mae").floor
     assert result.predict_kl(floor * 0.5) is None  # beyond the floor: out of reach
