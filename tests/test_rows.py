@@ -37,7 +37,8 @@ def rows(draw) -> ConstraintRow:
         Judged(name, draw(finite), draw(maybe), draw(st.sampled_from(["met", "violated"])))
         for name in draw(st.lists(st.sampled_from(["twin", "standard", "mlp"]), unique=True))
     )
-    row = ConstraintRow(**base, status=status if geco or heldout else None, **state, **heldout, judges=judges)
+    data = {"data_reached": draw(finite), "beyond_data": draw(st.booleans())} if draw(st.booleans()) else {}
+    row = ConstraintRow(**base, status=status if geco or heldout else None, **state, **heldout, judges=judges, **data)
     if draw(st.booleans()):  # a second unit: the values it converts
         values = {
             k: 2 * v for k in ("kappa", "reached", "heldout_reached", "best") if (v := getattr(row, k)) is not None
@@ -66,6 +67,14 @@ def test_the_json_form_leaves_out_what_is_missing_and_names_the_second_unit(row)
     twin = [j for j in row.judges if j.name == "twin"]
     if twin:
         assert written["twin_status"] == twin[0].status and written["judges_met"] == row.judges_met
+
+
+def test_the_data_line_says_what_the_data_reach_and_whether_kappa_asks_more():
+    row = ConstraintRow(constraint="cla", component="cla", kappa=0.9, units="p", data_reached=0.884, beyond_data=True)
+    assert row.data_line() == (
+        "cla: the held-out data themselves reach 0.884 (kappa 0.9): kappa asks the reconstructions to beat the data"
+    )
+    assert ConstraintRow(constraint="re", component="re", kappa=0.1, units="rmse").data_line() is None
 
 
 def test_a_judges_line_counts_the_judges_that_met_it():

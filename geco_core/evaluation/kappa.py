@@ -167,7 +167,7 @@ class _Probe(Callback):
             return
         exp = trainer.exp
         index = torch.arange(min(PROBE_EXAMPLES, len(exp.validation)))
-        measures = PassMeasures(exp, judged=False)
+        measures = PassMeasures(exp, report=False)
         with seeded(exp.device, exp.config.train.seed):  # the same draws at every probe
             for batch, out in passes(exp, exp.validation, index):
                 measures.add(batch, out)

@@ -403,7 +403,5 @@ def format_report(report: dict[str, Any]) -> str:
             mine = f"{row.heldout:.4f}{row.second('heldout_reached')}"
             kappa = f"{row.kappa}{row.second('kappa')}"
             lines.append(f"{row.component:<14} {mine}  vs kappa {kappa}  ({row.status or '-'})")
-        judged = row.judges_line()
-        if judged:
-            lines.append(judged)
+        lines += [line for line in (row.data_line(), row.judges_line()) if line]
     return "\n".join(lines)

@@ -317,17 +317,20 @@ def passes(
 class PassMeasures:
     """What a pass measures, batch by batch (:meth:`add`): each example's constraint values
     (``values``, ``(n, L)``) and KL (``kl``, ``(n,)``, nats), the sums of KL and squared pixel error
-    (float64), and unless ``judged=False``, where constraints have judges (:attr:`Experiment.judges`),
-    each judge's sums."""
+    (float64), and for a held-out report (``report=True``) each constraint's value on the data
+    themselves (the examples as their own reconstructions: what the data reach under a learned
+    constraint's network) and, where constraints have judges (:attr:`Experiment.judges`), each
+    judge's sums."""
 
-    def __init__(self, exp: Experiment, judged: bool = True) -> None:
-        self.exp, self.n = exp, 0
+    def __init__(self, exp: Experiment, report: bool = True) -> None:
+        self.exp, self.n, self.report = exp, 0, report and exp.stack is not None
         self.sums = torch.zeros(2, dtype=torch.float64, device=exp.device)  # KL, mean squared error
-        self.judges = exp.judges if judged and any(exp.judges) else []
+        self.judges = exp.judges if self.report and any(exp.judges) else []
         self.judge_sums = [
             {k: torch.zeros(c.dim, device=exp.device) for k in group}
             for c, group in zip(exp.stack.constraints if self.judges else (), self.judges)
         ]
+        self.data_sums = torch.zeros(exp.stack.num_components if self.report else 0, device=exp.device)
         self._values: list[Tensor] = []
         self._kl: list[Tensor] = []
 
@@ -342,6 +345,8 @@ class PassMeasures:
                 for name, judge in group.items():
                     sums[name] += judge(cbatch).sum(0).float()
             self._values.append(self.exp.stack.evaluate(cbatch).float())
+            if self.report:
+                self.data_sums += self.exp.stack.evaluate(attrs.evolve(cbatch, x_hat=batch.x)).sum(0).float()
 
     @property
     def values(self) -> Tensor:
@@ -354,13 +359,15 @@ class PassMeasures:
 
     def result(self) -> dict[str, Any]:
         """Mean KL (nats), pixel RMSE, each constraint's mean value (``constraint_means``, ``(L,)``)
-        and, with judges, each constraint's mean under each judge (``judge_means``: per constraint,
-        judge name -> ``(dim,)``)."""
+        and on the data themselves (``data_means``), and with judges each constraint's mean under
+        each judge (``judge_means``: per constraint, judge name -> ``(dim,)``)."""
         kl, sq = self.sums.tolist()
         n = self.n
         result: dict[str, Any] = {"examples": n, "kl": kl / n, "rmse": math.sqrt(sq / n)}
         if self.exp.stack is not None:
             result["constraint_means"] = self.values.mean(0).cpu()
+        if self.report:
+            result["data_means"] = (self.data_sums / n).cpu()
         if self.judges:
             result["judge_means"] = [{k: (total / n).cpu() for k, total in sums.items()} for sums in self.judge_sums]
         return result
@@ -369,7 +376,7 @@ class PassMeasures:
 def constraint_values(exp: Experiment, data: ImageData, index: Tensor, batch_size: int = 500) -> Tensor:
     """Every constraint component's value for the examples ``index`` of ``data`` (``(n, L)``, on the
     device), from one pass (:func:`passes`)."""
-    measures = PassMeasures(exp, judged=False)
+    measures = PassMeasures(exp, report=False)
     for batch, out in passes(exp, data, index, batch_size):
         measures.add(batch, out)
     return measures.values

@@ -67,6 +67,10 @@ class ConstraintRow:
     best, best_step: the best value and its step, where ``unreachable``
     heldout_value, heldout_reached: the held-out mean in value units and in kappa's units
     judges:          the held-out verdicts of independent judges (:class:`Judged`)
+    data_reached:    what the held-out data themselves reach (each example its own reconstruction),
+                     in kappa's units, where that is not the perfect value (a learned constraint:
+                     CLA's p of the true digit for real digits); ``beyond_data``: whether kappa is
+                     tighter than that, asking the reconstructions to beat the data
     also:            the values in the constraint's second unit, if it has one
     components, satisfied_fraction, c_ma_max, lambda_median, heldout_satisfied_fraction:
                      an overview row (one for a constraint of many components)
@@ -86,6 +90,8 @@ class ConstraintRow:
     heldout_value: float | None = None
     heldout_reached: float | None = None
     judges: tuple[Judged, ...] = ()
+    data_reached: float | None = None
+    beyond_data: bool | None = None
     also: SecondUnit | None = None
     components: int | None = None
     satisfied_fraction: float | None = None
@@ -111,6 +117,15 @@ class ConstraintRow:
     def second(self, field: str) -> str:
         """`` (20.0 dB)``: ``field`` in the second unit, or empty."""
         return "" if self.also is None else self.also.format(field)
+
+    def data_line(self) -> str | None:
+        """``cla: the held-out data themselves reach 0.930 (kappa 0.9)``, where they do not reach the
+        perfect value; None elsewhere."""
+        if self.data_reached is None:
+            return None
+        beyond = ": kappa asks the reconstructions to beat the data" if self.beyond_data else ""
+        reach = f"the held-out data themselves reach {self.data_reached:.3f}"
+        return f"{self.component}: {reach} (kappa {self.kappa:g}){beyond}"
 
     def judges_line(self) -> str | None:
         """``cla: met under its own network, met under 2 of 3 independent judges (twin 0.91 met, ...)``."""
@@ -139,6 +154,8 @@ class ConstraintRow:
         if self.lambda_ is None:  # the held-out mean decides: the status follows it
             fields["status"] = fields.pop("status")
         out.update({k: v for k, v in fields.items() if v is not None})
+        if self.data_reached is not None:
+            out["data_reached"], out["beyond_data"] = self.data_reached, self.beyond_data
         if self.judges:
             out["judges"] = [j.to_json() for j in self.judges]
             out["judges_met"] = self.judges_met

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from geco_core.constraint import perfect, tighter
 from geco_core.state import MANY, overview
 from geco_core.training.experiment import Experiment, evaluate_heldout, evaluating
 from geco_core.training.rng import seeded
@@ -34,6 +35,8 @@ def constraint_rows(exp: Experiment, heldout: dict[str, Any] | None) -> list[Con
     means = heldout.get("constraint_means") if heldout else None
     test_reached = stack.reached(means).tolist() if means is not None else None
     judge_means = heldout.get("judge_means") if heldout else None
+    data_means = heldout.get("data_means") if heldout else None
+    data_reached = stack.reached(data_means).tolist() if data_means is not None else None
     states = exp.geco.state().by_constraint() if exp.geco is not None else {}
     index = stack.split(torch.arange(stack.num_components))
     rows = []
@@ -63,6 +66,11 @@ def constraint_rows(exp: Experiment, heldout: dict[str, Any] | None) -> list[Con
                 if not group:
                     row["status"] = "met" if means[i] <= 0 else "violated"
             row["judges"] = tuple(values[j] for values in judged.values())
+            if data_reached is not None and not math.isnan(data_reached[i]):
+                reference, side = perfect(constraint), tighter(constraint)
+                if abs(data_reached[i] - reference) > 1e-6 * max(1.0, abs(reference)):
+                    row["data_reached"] = data_reached[i]
+                    row["beyond_data"] = side * (constraint.kappa - data_reached[i]) > 0
             also = getattr(constraint, "also", None)
             if also is not None:
                 values = {key: also.convert(row[key]) for key in CONVERTED if row.get(key) is not None}
@@ -98,6 +106,12 @@ def advice(rows: list[ConstraintRow], config_name: str) -> list[str]:
         "lambda grow further (controller max_factor)."
     )
     for r in rows:
+        if r.beyond_data:
+            lines.append(
+                f"{r.component}: kappa {r.kappa:g} is tighter than the held-out data themselves reach "
+                f"({r.data_reached:.4g}): only reconstructions that beat the data meet it (for a learned constraint, "
+                "exaggerated ones); choose a kappa the data reach, or another network."
+            )
         if r.status == "unreachable":
             lines.append(
                 f"{r.component}: kappa {r.kappa:g} is out of reach at this budget; the best it reached was "
@@ -197,7 +211,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         widths = [max(len(t[i]) for t in table) for i in range(len(header))]
         lines.append("")
         lines += ["  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip() for t in table]
-        lines += [line for line in (r.judges_line() for r in rows) if line]
+        lines += [line for r in rows for line in (r.data_line(), r.judges_line()) if line]
         lines += summary.get("advice") or []
     final, held = summary["final"], summary["heldout"]
     lines.append("")

@@ -196,6 +196,10 @@ def test_judges_are_the_twin_and_the_other_recipe_and_summaries_count_those_met(
     assert statuses == ["met" if j.value <= 0 else "violated" for j in row.judges]
     written = row.to_json()
     assert written["judges_met"] == row.judges_met == statuses.count("met") and written["twin_status"] == statuses[0]
+    with torch.no_grad():  # the data themselves: the geometric mean of p(true digit | x) on the same digits
+        log_p = torch.log_softmax(cla.classifier(batch.x), 1).gather(1, batch.labels.long().reshape(-1, 1))
+    assert row.data_reached == pytest.approx(float(log_p.mean().exp()), rel=1e-4)
+    assert row.beyond_data == (0.5 > row.data_reached)
     line = row.judges_line()
     assert line.startswith(f"cla: {'met' if row.heldout_value <= 0 else 'not met'} under its own network")
     assert f"met under {row.judges_met} of 3 independent judges" in line
