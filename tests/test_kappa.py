@@ -402,6 +402,7 @@ def test_a_summary_shows_kappa_and_the_reached_values_in_db_beside_the_rmse(tmp_
     (row,) = summary["constraints"]
     assert row["kappa"] == pytest.approx(0.1) and row["kappa_psnr"] == pytest.approx(20.0)
     assert row["heldout_reached_psnr"] == pytest.approx(-20 * math.log10(row["heldout_reached"]))
+    assert "data_reached" not in row  # the data reach RE's perfect value (RMSE 0, float32 aside): no data line
     text = format_summary(Run.open(run).read_summary())
     assert f"0.1000 (20.0 dB)  {row['reached']:.4f} ({row['reached_psnr']:.1f} dB)" in text
 

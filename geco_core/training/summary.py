@@ -68,7 +68,7 @@ def constraint_rows(exp: Experiment, heldout: dict[str, Any] | None) -> list[Con
             row["judges"] = tuple(values[j] for values in judged.values())
             if data_reached is not None and not math.isnan(data_reached[i]):
                 reference, side = perfect(constraint), tighter(constraint)
-                if abs(data_reached[i] - reference) > 1e-6 * max(1.0, abs(reference)):
+                if abs(data_reached[i] - reference) > 1e-3 * abs(constraint.kappa - reference):  # float32 aside
                     row["data_reached"] = data_reached[i]
                     row["beyond_data"] = side * (constraint.kappa - data_reached[i]) > 0
             also = getattr(constraint, "also", None)
