@@ -209,7 +209,14 @@ def test_an_interrupted_parallel_sweep_stops_its_workers_and_resumes(tmp_path):
     cmd = [sys.executable, "-m", "geco_core.cli", "sweep", str(path), "--kappa", "0.1", "0.2", "--jobs", "2"]
     cmd += ["--out", str(out), "--examples", "32", "--marginal-examples", "16"]
     metrics = [out / "tiny" / name / "metrics.jsonl" for name in ("geco-k0.1", "geco-k0.2")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell's background job ignores Ctrl-C and its children inherit that: give the sweep the default
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while not all(m.exists() and m.read_text().count("\n") >= 2 for m in metrics):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
