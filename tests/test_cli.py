@@ -128,6 +128,15 @@ def test_resume_continues_a_run_to_more_steps(tmp_path, geco_cli):
     assert "steps = 8" in (run / "config.toml").read_text()
 
 
+def test_every_kind_of_plugin_has_a_list_command_named_in_the_plural():
+    from geco_core.cli import build_parser
+    from geco_core.plugins import HOOKS
+
+    commands = set(next(a for a in build_parser()._actions if a.dest == "command").choices)
+    lists = {"constraints", "controllers", "models", "datasets", "objectives", "features"}
+    assert len(HOOKS) == len(lists) and lists <= commands and "featuress" not in commands
+
+
 def test_models_and_datasets_are_listed(geco_cli):
     models, datasets = geco_cli("models"), geco_cli("datasets")
     assert models.returncode == datasets.returncode == 0
