@@ -13,9 +13,10 @@ Imports the algorithm layer (``geco_core``), models and data, never evaluation o
 
 from __future__ import annotations
 
+from geco_core.training.building import build
 from geco_core.training.callbacks import Callback, in_order
 from geco_core.training.config import Config, load_config
-from geco_core.training.experiment import Experiment, build, evaluate_heldout, evaluating, load_dataset
+from geco_core.training.experiment import Experiment, evaluate_heldout, evaluating, load_dataset
 from geco_core.training.launch import RunDiverged, default_callbacks, resume, train
 from geco_core.training.loop import Trainer
 from geco_core.training.objectives import Objective

@@ -15,6 +15,7 @@ from pathlib import Path
 import attrs
 
 from geco_core.errors import ConfigError, GecoError
+from geco_core.training.building import build
 from geco_core.training.callbacks import (
     Callback,
     Checkpointing,
@@ -26,7 +27,7 @@ from geco_core.training.callbacks import (
 )
 from geco_core.training.config import Config, load_config
 from geco_core.training.distributed import DataParallelGroup, join_group, leave_group
-from geco_core.training.experiment import Experiment, build
+from geco_core.training.experiment import Experiment
 from geco_core.training.loop import Trainer
 from geco_core.training.run import Run
 from geco_core.training.tracking import MlflowTracking
