@@ -126,25 +126,27 @@ class GECO(nn.Module):
         self.register_buffer("validated", torch.zeros((), dtype=torch.bool))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("skipped", torch.zeros((), dtype=torch.long))
-        self.register_buffer("restarted", torch.zeros((), dtype=torch.bool), persistent=False)  # in the last step
+        self.register_buffer("_keep", torch.ones(()), persistent=False)  # 0 after a step that restarted lambda
         self.controller.setup(log_lambda0)
         #: whether the controller can still restart lambda, as the host last knew it (:meth:`state`)
         self.may_restart = self.controller.restarts
+
+    @property
+    def restarted(self) -> Tensor:
+        """Scalar bool: whether the last step restarted a multiplier (:meth:`follow` then resets)."""
+        return self._keep == 0
 
     @property
     def lambdas(self) -> Tensor:
         """The Lagrange multipliers, ``exp(log_lambdas)`` (L,)."""
         return self.log_lambdas.exp()
 
-    # --- Algorithm 1 ---------------------------------------------------------------------------
-
     def evaluate(self, batch: Batch) -> Tensor:
         """Per-example values of every constraint, stacked in order: ``(B, L)``."""
         return self.stack.evaluate(batch)
 
     def forward(self, kl: Tensor, batch: Batch) -> Tensor:
-        """The loss for this batch (``mean(kl) + lambda . C`` for the paper's controller); in
-        training mode also one step of Algorithm 1."""
+        """The loss for this batch (:meth:`lagrangian`); in training mode also one step of Algorithm 1."""
         return self.lagrangian(kl, self.evaluate(batch))
 
     def lagrangian(self, kl: Tensor, values: Tensor) -> Tensor:
@@ -185,7 +187,7 @@ class GECO(nn.Module):
             log_lambdas = torch.where(self.step >= self.warmup, log_lambdas, self.log_lambdas)
         self.c_ma.copy_(torch.where(finite, c_ma, self.c_ma))
         self.log_lambdas.copy_(torch.where(finite, log_lambdas, self.log_lambdas))
-        self.restarted.copy_(finite & restarted)
+        self._keep.copy_(~(finite & restarted))
         self.c_hat.copy_(c_hat)
         self.step.add_(finite.long())
         self.skipped.add_((~finite).long())
@@ -217,9 +219,7 @@ class GECO(nn.Module):
         by 0 on the device (Adam starts afresh as after ``state.clear()``, without a host sync); free
         for controllers that never restart or no longer can (``may_restart``, as :meth:`state` read it)."""
         if self.controller.restarts and self.may_restart:
-            scale_optimizer_state(optimizer, (~self.restarted).float())
-
-    # --- reports and state ---------------------------------------------------------------------
+            scale_optimizer_state(optimizer, self._keep)
 
     def state(self) -> GecoState:
         """The multipliers after the last step: one typed record per component (name, kappa,
@@ -256,13 +256,11 @@ def _component_options(
     """GECO's per-component options as ``(L,)`` tensors, each checked (a ConfigError naming one out
     of range): ``lr`` and ``lambda_init`` as given, each constraint's ``multiplier_scale``,
     ``value_scale`` and ``validation_confidence``."""
-    options = {
-        "lr": _per_component("lr", lr, dims, dtype),
-        "lambda_init": _per_component("lambda_init", lambda_init, dims, dtype),
-    }
+    given = {"lr": lr, "lambda_init": lambda_init}
+    options = {key: _per_component(key, value, dims, dtype) for key, value in given.items()}
     for key, value in options.items():
         if not ((value > 0) & torch.isfinite(value)).all():
-            raise ConfigError(f"{key} must be > 0 and finite, got {lr if key == 'lr' else lambda_init}")
+            raise ConfigError(f"{key} must be > 0 and finite, got {given[key]}")
     for c in constraints:
         pair = (float(c.multiplier_scale), float(c.value_scale))
         if not all(0 < s < math.inf for s in pair):
@@ -353,8 +351,7 @@ def _match_components(geco: GECO, state_dict: dict[str, Any], prefix: str) -> No
     geco 0.1.0 (no names) is taken by position."""
     for key in ("gap", "validated"):
         state_dict.setdefault(prefix + key, getattr(geco, key).new_zeros(getattr(geco, key).shape))
-    extra = state_dict.setdefault(prefix + "_extra_state", None) or geco.get_extra_state()
-    state_dict[prefix + "_extra_state"] = extra
+    extra = state_dict[prefix + "_extra_state"] = state_dict.get(prefix + "_extra_state") or geco.get_extra_state()
     saved, mine = extra.get("components") if isinstance(extra, dict) else None, list(geco.component_names)
     if saved is None or list(saved) == mine:
         return
