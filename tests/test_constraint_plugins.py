@@ -54,7 +54,7 @@ def test_re_and_cla_stacked_on_mnist_end_with_both_satisfied(tmp_path):
         "train.steps=800",
         "train.threads=1",  # the same arithmetic however busy the machine is (free cores set it otherwise)
         "constraints.0.kappa=0.25",
-        "constraints.1.kappa=0.5",  # what an 800-step MLP reaches on held-out digits (robust network)
+        "constraints.1.kappa=0.4",  # what an 800-step MLP reaches on held-out digits (L2-robust network)
         "constraints.1.lr=2.0",  # CLA's lambda stepping twice as fast, as configs/mnist-geco-cla.toml
         "logging.progress=false",
         "logging.plots=false",
@@ -65,6 +65,6 @@ def test_re_and_cla_stacked_on_mnist_end_with_both_satisfied(tmp_path):
     assert set(rows) == {"re", "cla"}
     # an active constraint is held at its bound (its c_ma hovers around 0): met, or within 2%
     assert {rows["re"]["status"], rows["cla"]["status"]} <= {"met", "at bound"}
-    assert rows["re"]["reached"] <= 0.25 * 1.02 and rows["cla"]["reached"] >= 0.5 * 0.98
+    assert rows["re"]["reached"] <= 0.25 * 1.02 and rows["cla"]["reached"] >= 0.4 * 0.98
     # held-out digits, with the generalisation gap of a short run
-    assert rows["re"]["heldout_reached"] <= 0.25 * 1.1 and rows["cla"]["heldout_reached"] >= 0.5 * 0.9
+    assert rows["re"]["heldout_reached"] <= 0.25 * 1.1 and rows["cla"]["heldout_reached"] >= 0.4 * 0.9

@@ -49,12 +49,15 @@ def test_every_shipped_config_trains_for_a_thousand_steps(tmp_path):
 
 @needs_mnist
 @needs_plugins
-def test_cla_alone_meets_kappa_with_less_kl_than_stacked_with_re(tmp_path):
-    """The log form of CLA, with the default controller, works alone (it collapsed in 0.1.0)."""
+def test_cla_with_its_pixel_guard_meets_kappa_for_less_kl_than_under_a_tighter_re(tmp_path):
+    """configs/mnist-geco-cla.toml (CLA with RE <= 0.2, CLA's log form and the default controller)
+    meets both constraints on held-out digits at 3000 steps, for fewer nats than CLA under RE <= 0.15
+    (configs/mnist-geco-re-cla.toml)."""
     common = ["train.steps=3000", "logging.progress=false", "logging.plots=false"]
-    alone = train(REPO / "configs" / "mnist-geco-cla.toml", overrides=common, run_dir=tmp_path / "cla")
+    guarded = train(REPO / "configs" / "mnist-geco-cla.toml", overrides=common, run_dir=tmp_path / "cla")
     stacked = train(REPO / "configs" / "mnist-geco-re-cla.toml", overrides=common, run_dir=tmp_path / "re-cla")
-    a, s = (json.loads((r / "summary.json").read_text()) for r in (alone, stacked))
-    (cla,) = a["constraints"]
-    assert cla["heldout_reached"] >= 0.9 * 0.99 and cla["status"] in ("met", "at bound")
+    a, s = (json.loads((r / "summary.json").read_text()) for r in (guarded, stacked))
+    assert all(c["status"] in ("met", "at bound") for c in a["constraints"])
+    (cla,) = [c for c in a["constraints"] if c["constraint"] == "cla"]
+    assert cla["heldout_reached"] >= cla["kappa"] * 0.98
     assert a["heldout"]["kl"] < s["heldout"]["kl"]

@@ -82,10 +82,12 @@ class Experiment:
     def judges(self) -> list[dict[str, nn.Module]]:
         """Each configured constraint's judges (:meth:`Constraint.judges`: the same constraint under
         networks that did not shape the reconstructions) on the device, by name; built when first
-        asked for."""
+        asked for, without drawing from torch's random generator (a held-out pass's posterior draws
+        are the same with judges or without)."""
         if self.stack is None:
             return []
-        judges = [getattr(c, "judges", dict)() for c in self.stack.constraints]
+        with torch.random.fork_rng(devices=[]):
+            judges = [getattr(c, "judges", dict)() for c in self.stack.constraints]
         return [{k: j.to(self.device).eval() for k, j in group.items()} for group in judges]
 
     def forward(self, batch) -> Output:

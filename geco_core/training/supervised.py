@@ -44,14 +44,17 @@ def train_classifier(
     seed: int = 0,
     augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
     perturb: Callable[[nn.Module, Tensor, Tensor, torch.Generator], Tensor] | None = None,
+    mix: Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]] | None = None,
     preprocess: Transform | None = None,
     on_epoch: Callable[[int], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> float:
     """Train ``model`` (logits out) on ``train``; returns its test accuracy after the last epoch.
 
-    Each step: pixels in [0, 1] -> ``augment(x, generator)`` -> ``perturb(model, x, labels,
-    generator)`` (an adversarial or noisy input, pixels in [0, 1]) -> ``preprocess`` -> cross-entropy;
+    Each step: pixels in [0, 1] -> ``augment(x, generator)`` -> ``mix(x, labels, generator)`` (a
+    batch with some examples replaced, and their labels, e.g. by negatives of an extra class) ->
+    ``perturb(model, x, labels, generator)`` (an adversarial or noisy input, pixels in [0, 1]) ->
+    ``preprocess`` -> cross-entropy;
     ``on_epoch(epoch)`` after each epoch (e.g. to keep the best weights so far). The
     permutations and augmentations draw from a generator seeded with ``seed``; seed torch's global
     RNG yourself before building ``model`` for a reproducible initialisation.
@@ -70,6 +73,7 @@ def train_classifier(
             x = train.images[idx].float() / 255
             x = augment(x, g) if augment else x
             y = train.labels[idx]
+            x, y = mix(x, y, g) if mix else (x, y)
             x = perturb(model, x, y, g) if perturb else x
             loss = F.cross_entropy(model(preprocess(x) if preprocess else x), y)
             opt.zero_grad(set_to_none=True)

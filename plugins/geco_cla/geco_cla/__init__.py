@@ -4,7 +4,8 @@
     form = "probability":     C = kappa - p_c(true class of x | x_hat)             (the paper's)
 
 c is a frozen convolutional MNIST classifier (``network.py``), by default one trained to be robust to
-small perturbations (``robust.py``), whose gradients point towards what people read as the digit:
+small perturbations in the L2 norm (``robust.py``), whose gradients point towards what people read
+as the digit:
 the reconstruction must still be recognised as the right digit with probability at least kappa.
 Summaries and ``geco eval`` also report the constraint under judges that did not shape the
 reconstructions (:meth:`ClassifierAccuracy.judges`: the twin and the classifiers of the other
@@ -35,16 +36,25 @@ import math
 import torch
 from torch import Tensor
 
-from geco_cla.network import SHIPPED, DigitClassifier, DigitFeatures, load_classifier
+from geco_cla.network import DigitClassifier, DigitFeatures, load_classifier
 from geco_core import Batch, ConfigError, Constraint, check_kappa, check_same_shape, freeze, hookimpl
 from geco_core.constraint import CONFIDENCE
 
 __all__ = ["ClassifierAccuracy", "DigitClassifier", "DigitFeatures", "load_classifier"]
 
 FORMS = ("log", "probability")
-#: each shipped classifier's twin (the same recipe, seed 1), and the names judges go by
-TWINS = {"shipped": "twin", "twin": "shipped", "standard": "standard-twin", "standard-twin": "standard"}
-JUDGE_NAMES = {"shipped": "robust", "twin": "robust twin", "standard": "standard", "standard-twin": "standard twin"}
+#: the shipped classifiers in pairs of a network and its twin (the same recipe, seed 1)
+PAIRS = (("shipped", "twin"), ("linf", "linf-twin"), ("standard", "standard-twin"))
+TWINS = {a: b for pair in PAIRS for a, b in (pair, pair[::-1])}
+#: the names judges go by
+JUDGE_NAMES = {
+    "shipped": "robust",
+    "twin": "robust twin",
+    "linf": "L-inf robust",
+    "linf-twin": "L-inf robust twin",
+    "standard": "standard",
+    "standard-twin": "standard twin",
+}
 
 
 class ClassifierAccuracy(Constraint):
@@ -54,8 +64,9 @@ class ClassifierAccuracy(Constraint):
         kappa: the probability the classifier must give the true class, in (0, 1) (e.g. 0.9).
         form: ``"log"`` (``log kappa - log p``, default) or ``"probability"`` (``kappa - p``, the
             paper's); see the module docstring.
-        weights: ``"shipped"`` (default): the shipped robust MNIST classifier (adversarially
-            trained: ``geco_cla.robust``); ``"twin"`` its twin (the same recipe, another seed);
+        weights: ``"shipped"`` (default): the shipped robust MNIST classifier (PGD-trained in the L2
+            ball: ``geco_cla.robust``); ``"twin"`` its twin (the same recipe, another seed);
+            ``"linf"`` / ``"linf-twin"``: the L-inf robust pair (FGSM-RS, the default of 0.4.0);
             ``"standard"`` / ``"standard-twin"``: the standard (non-robust) classifier and its twin;
             or a safetensors file of the same architecture.
         use_labels: take the true class from the batch's labels where present (default); otherwise
@@ -142,13 +153,14 @@ class ClassifierAccuracy(Constraint):
         return None if twin is None else self._under(twin)
 
     def judges(self) -> dict[str, ClassifierAccuracy]:
-        """The twin, and the shipped classifiers of the other recipe (robust or standard) with
-        its twin: three networks that did not shape the reconstructions, which judge them as they
-        are (no smoothing). None for weights of your own (they may read another data set)."""
+        """The twin, and the shipped pair of the other kind (the standard pair for a robust network,
+        the default robust pair for a standard one): three networks that did not shape the
+        reconstructions, which judge them as they are (no smoothing). None for weights of your own
+        (they may read another data set)."""
         weights = self.weights or "shipped"
         if weights not in TWINS:
             return {}
-        others = [w for w in SHIPPED if w not in (weights, TWINS[weights])]
+        others = PAIRS[0] if weights.startswith("standard") else PAIRS[-1]
         return {"twin": self._under(TWINS[weights]), **{JUDGE_NAMES[w]: self._under(w) for w in others}}
 
     def reached(self, values: Tensor) -> Tensor:

@@ -2,10 +2,11 @@
 
 Four 3x3 convolutions (32, 32, 64, 64 channels) with batch norm and ReLU, two 2x2 max-pools, global
 average pooling and a linear layer to 10 logits: 66k parameters, 28x28 inputs with pixels in [0, 1].
-Four shipped weight files, each trained by ``python -m geco_cla.train`` (the README gives the commands
+Six shipped weight files, each trained by ``python -m geco_cla.train`` (the README gives the commands
 and accuracies) and verified against its sha256 when loaded (:data:`SHIPPED`): the robust network CLA
-uses by default (FGSM with a random start, L-inf 0.3) and its twin (``--seed 1``); the standard one
-and its twin, judges of another recipe (:meth:`ClassifierAccuracy.judges`).
+uses by default (PGD in the L2 ball, eps 2) and its twin (``--seed 1``); the earlier L-inf robust pair
+(FGSM with a random start, eps 0.3); the standard pair, judges of another recipe
+(:meth:`ClassifierAccuracy.judges`).
 """
 
 from __future__ import annotations
@@ -19,19 +20,34 @@ from geco_core.weights import load_safetensors
 
 __all__ = ["DigitClassifier", "DigitFeatures", "load_classifier", "WEIGHTS", "WEIGHTS_SHA256", "SHIPPED"]
 
-WEIGHTS = Path(__file__).with_name("mnist_classifier_robust.safetensors")
-WEIGHTS_SHA256 = "59fd842deaa19d42dff5c7c171f04c530a8bd050f04ee65bed126c4f9b31cfe8"
-ROBUST_TWIN_SHA256 = "c9b797a2d01e04c2eccf2c1e78772cf3506b8924ec14f79f4588fb8e420c3bc4"
-STANDARD_SHA256 = "44ea8dd728d21467decae66bf08a5019483f09fee3cf31f67da67099a98ef9df"
-TWIN_SHA256 = "0d7e805774f6002c3f429e4cf0a94d88fbcf95ae62d868efeda868ae63880d1d"
-#: the shipped classifiers by name: the robust one CLA uses by default and its twin (the same
-#: recipe, seed 1); the standard (non-robust) one and its twin, the independent judges of another
-#: recipe. The standard twin is also the feature network of the realism measure (``DigitFeatures``).
+WEIGHTS = Path(__file__).with_name("mnist_classifier_l2.safetensors")
+WEIGHTS_SHA256 = "2f5f4087154f9ed87510a216d591c4ac22da89fbf73729569767f5261f7c21ac"
+#: the shipped classifiers by name -> (file, sha256), in pairs of a network and its twin (the same
+#: recipe, seed 1): the L2-robust one CLA uses by default, the L-inf robust one (the default of
+#: 0.4.0), the standard (non-robust) one. The standard twin is also the feature network of the
+#: realism measure (``DigitFeatures``).
 SHIPPED = {
     "shipped": (WEIGHTS, WEIGHTS_SHA256),
-    "twin": (WEIGHTS.with_name("mnist_classifier_robust_twin.safetensors"), ROBUST_TWIN_SHA256),
-    "standard": (WEIGHTS.with_name("mnist_classifier.safetensors"), STANDARD_SHA256),
-    "standard-twin": (WEIGHTS.with_name("mnist_classifier_twin.safetensors"), TWIN_SHA256),
+    "twin": (
+        WEIGHTS.with_name("mnist_classifier_l2_twin.safetensors"),
+        "0876aad08a683b91b0beaf7f37736fba2ef750b62f9e10f893bbca2b290bf662",
+    ),
+    "linf": (
+        WEIGHTS.with_name("mnist_classifier_linf.safetensors"),
+        "59fd842deaa19d42dff5c7c171f04c530a8bd050f04ee65bed126c4f9b31cfe8",
+    ),
+    "linf-twin": (
+        WEIGHTS.with_name("mnist_classifier_linf_twin.safetensors"),
+        "c9b797a2d01e04c2eccf2c1e78772cf3506b8924ec14f79f4588fb8e420c3bc4",
+    ),
+    "standard": (
+        WEIGHTS.with_name("mnist_classifier.safetensors"),
+        "44ea8dd728d21467decae66bf08a5019483f09fee3cf31f67da67099a98ef9df",
+    ),
+    "standard-twin": (
+        WEIGHTS.with_name("mnist_classifier_twin.safetensors"),
+        "0d7e805774f6002c3f429e4cf0a94d88fbcf95ae62d868efeda868ae63880d1d",
+    ),
 }
 MEAN, STD = 0.1307, 0.3081  # MNIST pixel statistics, pixels in [0, 1]
 
@@ -56,7 +72,7 @@ class DigitClassifier(nn.Module):
 
 
 def load_classifier(path: str | Path | None = None) -> DigitClassifier:
-    """A shipped classifier by name (:data:`SHIPPED`; ``None`` is ``"shipped"``, the robust one),
+    """A shipped classifier by name (:data:`SHIPPED`; ``None`` is ``"shipped"``, the L2-robust one),
     checksum verified, or the weights at ``path`` (safetensors, same architecture, e.g. trained by
     ``python -m geco_cla.train --dataset fashion-mnist``)."""
     file, sha = SHIPPED.get(str(path or "shipped"), (Path(str(path)), None))

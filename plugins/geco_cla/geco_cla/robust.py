@@ -25,9 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RECIPES", "perturbation", "pgd_attack", "robust_accuracy"]
+__all__ = ["RECIPES", "NOT_A_DIGIT", "attack_norm", "non_digits", "perturbation", "pgd_attack", "robust_accuracy"]
+
+NOT_A_DIGIT = 10  # the label of the eleventh class of a network trained with non_digits
 
 RECIPES = ("standard", "noise", "fgsm-rs", "pgd", "pgd-l2")
+
+
+def attack_norm(recipe: str) -> str:
+    """The norm a recipe's robustness is measured in: ``"l2"`` for ``pgd-l2``, else ``"linf"``."""
+    return "l2" if recipe == "pgd-l2" else "linf"
 
 
 def _uniform(x: Tensor, eps: float, g: torch.Generator | None) -> Tensor:
@@ -69,6 +76,26 @@ def pgd_attack(
     return (x + delta).clamp(0, 1).detach()
 
 
+def non_digits(x: Tensor, y: Tensor, g: torch.Generator, share: float = 0.25) -> tuple[Tensor, Tensor]:
+    """The batch with its first ``share`` of examples made into what a constraint's cheapest inputs
+    look like rather than digits, labelled :data:`NOT_A_DIGIT`: in equal parts bold strokes (a 3x3
+    or 5x5 max filter), blurred bold blobs, inverted digits (dark strokes on a white field) and flat
+    grey fields with noise. Pixels stay in [0, 1]."""
+    n = int(len(x) * share)
+    if n < 4:
+        return x, y
+    q = n // 4
+    d = x[:n]
+    bold = torch.cat([F.max_pool2d(d[: q // 2], 3, 1, 1), F.max_pool2d(d[q // 2 : q], 5, 1, 2)])
+    blob = F.avg_pool2d(F.max_pool2d(d[q : 2 * q], 5, 1, 2), 5, 1, 2)
+    inverted = 1 - d[2 * q : 3 * q]
+    level = torch.rand(n - 3 * q, 1, 1, 1, generator=g)
+    field = (level + 0.1 * torch.randn(d[3 * q :].shape, generator=g)).clamp(0, 1)
+    x = torch.cat([bold, blob, inverted, field, x[n:]])
+    y = torch.cat([torch.full((n,), NOT_A_DIGIT, dtype=y.dtype), y[n:]])
+    return x, y
+
+
 def perturbation(recipe: str, eps: float, pgd_steps: int = 7):
     """The ``perturb(model, x, y, generator)`` of ``train_classifier`` for a recipe of :data:`RECIPES`
     (None for ``standard``)."""
@@ -86,16 +113,23 @@ def perturbation(recipe: str, eps: float, pgd_steps: int = 7):
 
 
 def robust_accuracy(
-    model: nn.Module, images: Tensor, labels: Tensor, eps: float, steps: int = 40, batch_size: int = 500, seed: int = 0
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    eps: float,
+    steps: int = 40,
+    batch_size: int = 500,
+    seed: int = 0,
+    norm: str = "linf",
 ) -> float:
-    """Accuracy under :func:`pgd_attack` (L-inf ``eps``, ``steps`` steps of ``2.5 eps / steps``);
+    """Accuracy under :func:`pgd_attack` (``eps`` in ``norm``, ``steps`` steps of ``2.5 eps / steps``);
     ``images`` uint8 ``(N, 1, 28, 28)``. The model is put in eval mode."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
     correct = 0
     for i in range(0, len(images), batch_size):
         x, y = images[i : i + batch_size].float() / 255, labels[i : i + batch_size]
-        adv = pgd_attack(model, x, y, eps, steps, g=g)
+        adv = pgd_attack(model, x, y, eps, steps, g=g, norm=norm)
         with torch.no_grad():
             correct += int((model(adv).argmax(1) == y).sum())
     return correct / len(images)

@@ -4,7 +4,8 @@
 
 Adam with a one-cycle learning rate, batches of 128, random shifts of up to 2 pixels and rotations of
 up to 10 degrees; ``--recipe`` trains on noisy or adversarial inputs (``geco_cla.robust``). Reports
-the clean test accuracy, the accuracy under a 40-step L-inf PGD attack at ``--attack-eps`` (0.3) and
+the clean test accuracy, the accuracy under a 40-step PGD attack at ``--attack-eps`` (default: the
+training eps of an adversarial recipe, in its norm -- L2 for ``pgd-l2``; L-inf 0.3 otherwise) and
 the file's sha256 (to record in ``network.py``). FGSM-RS trains on all but 1000 training digits and
 keeps the epoch whose PGD-10 accuracy on those 1000 is best: it can overfit catastrophically (robust
 one epoch, not the next), and Wong et al. 2020 stop early the same way.
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from geco_cla.network import DigitClassifier
-from geco_cla.robust import RECIPES, perturbation, robust_accuracy
+from geco_cla.robust import RECIPES, attack_norm, non_digits, perturbation, robust_accuracy
 from geco_core.weights import sha256
 
 
@@ -60,13 +61,20 @@ def main() -> None:
     parser.add_argument(
         "--pgd-steps", type=int, default=7, help="attack steps of the pgd and pgd-l2 recipes (default: %(default)s)"
     )
+    parser.add_argument(
+        "--reject", action="store_true", help="an eleventh class, not a digit, trained on geco_cla.robust.non_digits"
+    )
     parser.add_argument("--pgd-eval", type=int, default=10000, help="test images attacked by PGD-40 (default: all)")
-    parser.add_argument("--attack-eps", type=float, default=0.3, help="L-inf radius of PGD-40 (default: %(default)s)")
+    parser.add_argument(
+        "--attack-eps", type=float, help="radius of PGD-40 (default: the training eps; L-inf 0.3 for standard, noise)"
+    )
     args = parser.parse_args()
+    adversarial = args.recipe in ("fgsm-rs", "pgd", "pgd-l2")
+    attack_eps = args.attack_eps or (args.eps if adversarial else 0.3)
     torch.manual_seed(args.seed)
     train = create("dataset", args.dataset, root=args.data, split="train", download=False)
     test = create("dataset", args.dataset, root=args.data, split="test", download=False)
-    model = DigitClassifier()
+    model = DigitClassifier(classes=11 if args.reject else 10)
     best = {"epoch": 0, "pgd10": -1.0, "state": None}
     keep_best = None
     if args.recipe == "fgsm-rs":  # keep the epoch most robust on held-out training digits
@@ -87,6 +95,7 @@ def main() -> None:
         seed=args.seed,
         augment=None if args.no_augment else augment,
         perturb=perturbation(args.recipe, args.eps, args.pgd_steps),
+        mix=non_digits if args.reject else None,
         on_epoch=keep_best,
         log=lambda line: print(line, flush=True),
     )
@@ -95,7 +104,8 @@ def main() -> None:
         acc = accuracy(model, test)
         print(f"kept epoch {best['epoch']} (the most robust): test accuracy {acc:.4%}", flush=True)
     n = min(args.pgd_eval, len(test))
-    robust = robust_accuracy(model, test.images[:n], test.labels[:n], args.attack_eps) if n else float("nan")
+    norm = attack_norm(args.recipe)
+    robust = robust_accuracy(model, test.images[:n], test.labels[:n], attack_eps, norm=norm) if n else float("nan")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     meta = {
         "dataset": args.dataset,
@@ -105,15 +115,17 @@ def main() -> None:
         "recipe": args.recipe,
         "augment": str(not args.no_augment),
         "eps": str(args.eps),
-        "pgd40_eps": str(args.attack_eps),
+        "pgd40_eps": str(attack_eps),
+        "pgd40_norm": norm,
         "epochs": str(args.epochs),
         "kept_epoch": str(best["epoch"] or args.epochs),
         "seed": str(args.seed),
+        "classes": str(11 if args.reject else 10),
     }
     save_file(state, args.out, metadata=meta)
     print(
         f"wrote {args.out}: {sum(v.numel() for v in state.values())} values, test accuracy {acc:.4%}, "
-        f"PGD-40 accuracy at eps {args.attack_eps} {robust:.4%} ({n} images), sha256 {sha256(args.out)}"
+        f"PGD-40 accuracy at {norm} eps {attack_eps} {robust:.4%} ({n} images), sha256 {sha256(args.out)}"
     )
 
 
