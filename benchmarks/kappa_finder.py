@@ -24,10 +24,12 @@ RE, pNCC and SSIM configs as shipped, and Fashion-MNIST, which no config ships),
 of ``--budgets`` against the longest finder's, and whether it says "cannot tell" instead
 (``OUT/lengths/``, ``OUT/kappa_lengths.md``).
 
-With ``--intervals``: on each of ``LENGTH_CELLS``, the 2000-step finder of ``--lengths``'s folder and
-a GECO run (the config as shipped, 2000 steps) at kappa = the floor + each of ``SLACKS`` times the
-knee's distance to it; each GECO run's held-out KL against the predicted KL and its interval, by
-where the prediction comes from (``OUT/intervals/``, ``OUT/kappa_intervals.md``).
+With ``--intervals``: on each of ``LENGTH_CELLS``, the finder ``geco find-kappa`` runs by default for
+a budget (from ``--lengths``'s folder: 1000 steps for a budget of 1000, 2000 otherwise) and a GECO
+run (the config as shipped, ``--interval-budgets`` steps, 2000 by default) at kappa = the floor +
+each of ``SLACKS`` (``--slacks``) times the knee's distance to it, floor and knee for that budget;
+each GECO run's held-out KL against the predicted KL and its interval, by where the prediction comes
+from, and the coverage per budget (``OUT/intervals/``, ``OUT/kappa_intervals.md``).
 """
 
 from __future__ import annotations
@@ -199,55 +201,82 @@ def reanalysed(result: dict[str, Any], budget: int) -> Finding:
     return c
 
 
-def interval_kappas(out: str, cell: str) -> list[float]:
-    c = reanalysed(json.loads((Path(out) / "lengths" / f"{cell}-2000" / "kappa.json").read_text()), 2000)
+def budget_finder(out: str | Path, cell: str, budget: int) -> Finding | None:
+    """The finding of the finder ``geco find-kappa`` runs by default for ``budget`` steps (its length
+    ``default_steps(budget)``: 1000 steps for a budget of 1000, else 2000), from the length benchmark's
+    folder, analysed for ``budget``; None where that finder has not run."""
+    from geco_core.evaluation.kappa import default_steps
+
+    path = Path(out) / "lengths" / f"{cell}-{default_steps(budget)}" / "kappa.json"
+    return reanalysed(json.loads(path.read_text()), budget) if path.is_file() else None
+
+
+def interval_kappas(out: str, cell: str, budget: int = 2000, slacks: tuple[float, ...] = SLACKS) -> list[float]:
+    """The intervals benchmark's kappa for ``budget``: the default finder's floor and knee for it."""
+    c = budget_finder(out, cell, budget)
     floor, knee = c.floor, c.suggested_kappa
-    return [float(f"{floor + f * (knee - floor):.4g}") for f in SLACKS]
+    return [float(f"{floor + f * (knee - floor):.4g}") for f in slacks]
 
 
-def run_interval(out: str, cell: str, kappa: float) -> dict[str, Any]:
-    """One GECO run of a length cell's config at ``kappa`` (2000 steps, as shipped otherwise); cached."""
+def interval_folder(out: str | Path, cell: str, kappa: float, budget: int = 2000) -> Path:
+    return Path(out) / "intervals" / f"{cell}{'' if budget == 2000 else f'-b{budget}'}-k{kappa:g}"
+
+
+def run_interval(out: str, cell: str, kappa: float, budget: int = 2000) -> dict[str, Any]:
+    """One GECO run of a length cell's config at ``kappa`` for ``budget`` steps (as shipped
+    otherwise); cached."""
     import torch
 
     torch.set_num_threads(1)
     from geco_core.training import Run, train
 
-    folder = Path(out) / "intervals" / f"{cell}-k{kappa:g}"
+    folder = interval_folder(out, cell, kappa, budget)
     if not (folder / "summary.json").is_file():
         path, overrides = LENGTH_CELLS[cell]
-        sets = ["train.steps=2000", f"constraints.0.kappa={kappa}", "logging.progress=false", "logging.plots=false",
-                "logging.tensorboard=false", "logging.eval_examples=2000", *overrides]  # fmt: skip
+        logging = ["logging.progress=false", "logging.plots=false", "logging.tensorboard=false"]
+        sets = [f"train.steps={budget}", f"constraints.0.kappa={kappa}", *logging, "logging.eval_examples=2000"]
+        sets += overrides
         train(REPO / "configs" / path, overrides=sets, run_dir=folder)
     summary = Run.open(folder).read_summary()
     first = summary["constraints"][0]
-    return {"cell": cell, "kappa": kappa, "kl": summary["heldout"]["kl"], "heldout": first.heldout_reached}
+    return {
+        "cell": cell,
+        "kappa": kappa,
+        "budget": budget,
+        "kl": summary["heldout"]["kl"],
+        "heldout": first.heldout_reached,
+    }
 
 
 def intervals_report(out: Path) -> str:
+    """Per budget, cell and kappa: the GECO run's held-out KL against the prediction of the finder
+    ``geco find-kappa`` runs by default for that budget, and its interval; the coverage per budget."""
     from geco_core.evaluation.kappa import predict
 
-    lines = ["| cell | κ | GECO held-out | GECO KL | predicted KL | from | interval | GECO / predicted | inside |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for cell in LENGTH_CELLS:
-        path = out / "lengths" / f"{cell}-2000" / "kappa.json"
-        if not path.is_file():
-            continue
-        c = reanalysed(json.loads(path.read_text()), 2000)
-        for folder in sorted((out / "intervals").glob(f"{cell}-k*")):
-            if not (folder / "bench.json").is_file():
+    lines = ["| budget | cell | κ | GECO held-out | GECO KL | predicted KL | from | interval | GECO / predicted "
+             "| inside |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    coverage: dict[int, list[bool]] = {}
+    rows = [json.loads(p.read_text()) for p in sorted((out / "intervals").glob("*/bench.json"))]
+    for budget in sorted({r.get("budget", 2000) for r in rows}):
+        for cell in LENGTH_CELLS:
+            c = budget_finder(out, cell, budget)
+            if c is None:
                 continue
-            g = json.loads((folder / "bench.json").read_text())
-            p = predict(c, g["kappa"])
-            if p.kl is None:
+            for g in sorted((r for r in rows if r["cell"] == cell and r.get("budget", 2000) == budget),
+                            key=lambda r: r["kappa"]):  # fmt: skip
+                p = predict(c, g["kappa"])
+                head = f"| {budget} | {cell} | {g['kappa']:g} | {g['heldout']:.4f} | {g['kl']:.1f} |"
+                if p.kl is None:
+                    lines.append(f"{head} - | {p.where} | - | - | - |")
+                    continue
+                inside = p.low <= g["kl"] <= p.high
+                coverage.setdefault(budget, []).append(inside)
                 lines.append(
-                    f"| {cell} | {g['kappa']:g} | {g['heldout']:.4f} | {g['kl']:.1f} | - | {p.where} | - | - | - |"
+                    f"{head} {p.kl:.1f} | {p.where} | {p.low:.1f}–{p.high:.1f} | {g['kl'] / p.kl:.2f} | "
+                    f"{'yes' if inside else '**no**'} |"
                 )
-                continue
-            inside = p.low <= g["kl"] <= p.high
-            lines.append(
-                f"| {cell} | {g['kappa']:g} | {g['heldout']:.4f} | {g['kl']:.1f} | {p.kl:.1f} | {p.where} | "
-                f"{p.low:.1f}–{p.high:.1f} | {g['kl'] / p.kl:.2f} | {'yes' if inside else '**no**'} |"
-            )
+    lines += ["", "| budget | GECO runs inside the interval |", "|---|---|"]
+    lines += [f"| {b} | {sum(v)} of {len(v)} |" for b, v in sorted(coverage.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -295,18 +324,28 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", help="the finder-length benchmark instead (module docstring)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[1000, 2000, 3000, 5000])
     parser.add_argument("--intervals", action="store_true", help="the intervals benchmark instead (module docstring)")
+    parser.add_argument("--interval-budgets", type=int, nargs="+", default=[2000], help="GECO runs' steps (intervals)")
+    parser.add_argument(
+        "--slacks", type=float, nargs="+", help=f"kappa in knee distances (intervals; default {SLACKS})"
+    )
     args = parser.parse_args()
     if args.intervals:
+        slacks = tuple(args.slacks or SLACKS)
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             jobs = [pool.submit(run_length, args.out, cell, 2000) for cell in LENGTH_CELLS]
             for job in jobs:
                 job.result()
-            cells = [(cell, k) for cell in LENGTH_CELLS for k in interval_kappas(args.out, cell)]
-            jobs = [pool.submit(run_interval, args.out, cell, k) for cell, k in cells]
-            for (cell, k), job in zip(cells, jobs):
+            cells = [
+                (cell, k, b)
+                for b in args.interval_budgets
+                for cell in LENGTH_CELLS
+                for k in interval_kappas(args.out, cell, b, slacks)
+            ]
+            jobs = [pool.submit(run_interval, args.out, cell, k, b) for cell, k, b in cells]
+            for (cell, k, b), job in zip(cells, jobs):
                 row = job.result()
-                (Path(args.out) / "intervals" / f"{cell}-k{k:g}" / "bench.json").write_text(json.dumps(row))
-                print("done:", cell, k, flush=True)
+                (interval_folder(args.out, cell, k, b) / "bench.json").write_text(json.dumps(row))
+                print("done:", cell, k, b, flush=True)
         text = intervals_report(Path(args.out))
         (Path(args.out) / "kappa_intervals.md").write_text(text)
         print(text)
