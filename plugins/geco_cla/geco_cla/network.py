@@ -76,6 +76,9 @@ def load_classifier(path: str | Path | None = None) -> DigitClassifier:
     checksum verified, or the weights at ``path`` (safetensors, same architecture, e.g. trained by
     ``python -m geco_cla.train --dataset fashion-mnist``)."""
     file, sha = SHIPPED.get(str(path or "shipped"), (Path(str(path)), None))
+    if sha is None and not file.is_file():
+        names = ", ".join(SHIPPED)
+        raise ConfigError(f"cla: weights {str(path)!r} is neither a shipped classifier ({names}) nor a file")
     state, _ = load_safetensors(file, owner="cla", sha256_expected=sha, distribution="geco-cla")
     head = state.get("head.2.weight")
     model = DigitClassifier(classes=head.shape[0] if head is not None else 10)

@@ -142,7 +142,8 @@ def test_stacked_digits_are_classified_channel_by_channel(mnist_test):
         (dict(kappa=1.0), "kappa must be a probability in \\(0, 1\\)"),
         (dict(kappa=0), "kappa"),
         (dict(kappa=0.9, image_shape=(3, 32, 32)), "reads 28x28 digits"),
-        (dict(kappa=0.9, weights="/nonexistent.safetensors"), "cla: no weights at"),
+        (dict(kappa=0.9, weights="/nonexistent.safetensors"), "neither a shipped classifier .*linf.* nor a file"),
+        (dict(kappa=0.9, weights="Linf"), "cla: weights 'Linf' is neither a shipped classifier"),
     ],
 )
 def test_bad_arguments_are_rejected_with_a_clear_message(kwargs, match):
