@@ -49,6 +49,7 @@ def test_every_shipped_config_trains_for_a_thousand_steps(tmp_path):
 
 @needs_mnist
 @needs_plugins
+@pytest.mark.timeout(3600)
 def test_cla_with_its_pixel_guard_meets_kappa_for_less_kl_than_under_a_tighter_re(tmp_path):
     """configs/mnist-geco-cla.toml (CLA with RE <= 0.2, CLA's log form and the default controller)
     meets both constraints on held-out digits at 3000 steps, for fewer nats than CLA under RE <= 0.15
