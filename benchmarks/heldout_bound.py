@@ -20,6 +20,7 @@ the original runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -60,14 +61,19 @@ def measure(folder: str) -> dict[str, Any]:
     return row
 
 
+@functools.cache
+def _first_constraint(folder: str):
+    """The run's first constraint, built once per run folder."""
+    from geco_core.training import Run, build
+
+    return build(Run.open(folder).config).stack.constraints[0]
+
+
 def reached(folder: str, value: float) -> float:
     """The first constraint's value in kappa's units for a mean constraint value."""
     import torch
 
-    from geco_core.training import Run, build
-
-    constraint = build(Run.open(folder).config).stack.constraints[0]
-    return float(constraint.reached(torch.tensor([value], dtype=torch.float64))[0])
+    return float(_first_constraint(folder).reached(torch.tensor([value], dtype=torch.float64))[0])
 
 
 def dev(row: dict[str, Any], value: float) -> float:

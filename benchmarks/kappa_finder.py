@@ -233,8 +233,8 @@ def run_interval(out: str, cell: str, kappa: float, budget: int = 2000) -> dict[
     folder = interval_folder(out, cell, kappa, budget)
     if not (folder / "summary.json").is_file():
         path, overrides = LENGTH_CELLS[cell]
-        logging = ["logging.progress=false", "logging.plots=false", "logging.tensorboard=false"]
-        sets = [f"train.steps={budget}", f"constraints.0.kappa={kappa}", *logging, "logging.eval_examples=2000"]
+        quiet = ["logging.progress=false", "logging.plots=false", "logging.tensorboard=false"]
+        sets = [f"train.steps={budget}", f"constraints.0.kappa={kappa}", *quiet, "logging.eval_examples=2000"]
         sets += overrides
         train(REPO / "configs" / path, overrides=sets, run_dir=folder)
     summary = Run.open(folder).read_summary()
@@ -330,9 +330,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.intervals:
+        from geco_core.evaluation.kappa import default_steps
+
         slacks = tuple(args.slacks or SLACKS)
+        lengths = {2000, *(default_steps(b) for b in args.interval_budgets)}  # the finders each budget reads
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            jobs = [pool.submit(run_length, args.out, cell, 2000) for cell in LENGTH_CELLS]
+            jobs = [pool.submit(run_length, args.out, cell, n) for n in lengths for cell in LENGTH_CELLS]
             for job in jobs:
                 job.result()
             cells = [

@@ -43,7 +43,8 @@ from geco_core.constraint import CONFIDENCE
 __all__ = ["ClassifierAccuracy", "DigitClassifier", "DigitFeatures", "load_classifier"]
 
 FORMS = ("log", "probability")
-#: the shipped classifiers in pairs of a network and its twin (the same recipe, seed 1)
+#: the shipped classifiers in pairs of a network and its twin (the same recipe, seed 1): the default
+#: robust pair first, the standard pair last
 PAIRS = (("shipped", "twin"), ("linf", "linf-twin"), ("standard", "standard-twin"))
 TWINS = {a: b for pair in PAIRS for a, b in (pair, pair[::-1])}
 #: the names judges go by
@@ -160,7 +161,7 @@ class ClassifierAccuracy(Constraint):
         weights = self.weights or "shipped"
         if weights not in TWINS:
             return {}
-        others = PAIRS[0] if weights.startswith("standard") else PAIRS[-1]
+        others = PAIRS[0] if weights in PAIRS[-1] else PAIRS[-1]
         return {"twin": self._under(TWINS[weights]), **{JUDGE_NAMES[w]: self._under(w) for w in others}}
 
     def reached(self, values: Tensor) -> Tensor:

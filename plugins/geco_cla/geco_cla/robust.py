@@ -25,16 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RECIPES", "NOT_A_DIGIT", "attack_norm", "non_digits", "perturbation", "pgd_attack", "robust_accuracy"]
+__all__ = ["RECIPES", "NOT_A_DIGIT", "non_digits", "perturbation", "pgd_attack", "robust_accuracy"]
 
 NOT_A_DIGIT = 10  # the label of the eleventh class of a network trained with non_digits
 
 RECIPES = ("standard", "noise", "fgsm-rs", "pgd", "pgd-l2")
-
-
-def attack_norm(recipe: str) -> str:
-    """The norm a recipe's robustness is measured in: ``"l2"`` for ``pgd-l2``, else ``"linf"``."""
-    return "l2" if recipe == "pgd-l2" else "linf"
 
 
 def _uniform(x: Tensor, eps: float, g: torch.Generator | None) -> Tensor:

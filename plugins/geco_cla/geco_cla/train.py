@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from geco_cla.network import DigitClassifier
-from geco_cla.robust import RECIPES, attack_norm, non_digits, perturbation, robust_accuracy
+from geco_cla.robust import RECIPES, non_digits, perturbation, robust_accuracy
 from geco_core.weights import sha256
 
 
@@ -71,6 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     adversarial = args.recipe in ("fgsm-rs", "pgd", "pgd-l2")
     attack_eps = args.attack_eps or (args.eps if adversarial else 0.3)
+    norm = "l2" if args.recipe == "pgd-l2" else "linf"  # the norm the recipe trains robustness in
     torch.manual_seed(args.seed)
     train = create("dataset", args.dataset, root=args.data, split="train", download=False)
     test = create("dataset", args.dataset, root=args.data, split="test", download=False)
@@ -104,7 +105,6 @@ def main() -> None:
         acc = accuracy(model, test)
         print(f"kept epoch {best['epoch']} (the most robust): test accuracy {acc:.4%}", flush=True)
     n = min(args.pgd_eval, len(test))
-    norm = attack_norm(args.recipe)
     robust = robust_accuracy(model, test.images[:n], test.labels[:n], attack_eps, norm=norm) if n else float("nan")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     meta = {
