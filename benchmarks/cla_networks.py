@@ -23,9 +23,10 @@ held-out digits:
 * ``FD rec`` / ``FD smp``: Fréchet distances of reconstructions / prior samples to the test digits in
   the ``digits`` features (geco_core.evaluation.realism; real test digits against each other: ~0.4).
 
-Runs go to ``OUT/<name>-<steps>[-guard][-seed<S>]`` (``--seeds``: the runs' ``train.seed``), a grid of
-reconstructions beside each; ``OUT/cla.md`` and
-``OUT/cla.json`` hold the table. Finished runs are reused, interrupted ones resumed; ``--table``
+``--start mean`` starts the conv VAE's reconstructions at the mean training image (its
+``output_start``). Runs go to ``OUT/<name>-<steps>[-guard][-mean][-seed<S>]`` (``--seeds``: the
+runs' ``train.seed``), a grid of reconstructions beside each; ``OUT/cla.md`` and ``OUT/cla.json``
+hold the table. Finished runs are reused, interrupted ones resumed; ``--table``
 prints the table of every finished run in ``OUT``.
 """
 
@@ -64,7 +65,9 @@ def mlp_judge(out: Path):
     return model.eval()
 
 
-def run(out: str, name: str, spec: str, steps: int, kappa: float, guard: float | None, seed: int) -> dict[str, Any]:
+def run(
+    out: str, name: str, spec: str, steps: int, kappa: float, guard: float | None, seed: int, start: str = "grey"
+) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
@@ -75,7 +78,8 @@ def run(out: str, name: str, spec: str, steps: int, kappa: float, guard: float |
     from geco_core.figures.run import save_grid
     from geco_core.training import Config, Run, build, evaluating, resume, train
 
-    folder = Path(out) / f"{name}-{steps}{'-guard' if guard else ''}{f'-seed{seed}' if seed else ''}"
+    suffix = f"{'-guard' if guard else ''}{'-mean' if start == 'mean' else ''}{f'-seed{seed}' if seed else ''}"
+    folder = Path(out) / f"{name}-{steps}{suffix}"
     cached = folder / "bench.json"
     if cached.is_file():
         return json.loads(cached.read_text())
@@ -86,6 +90,7 @@ def run(out: str, name: str, spec: str, steps: int, kappa: float, guard: float |
     if guard:
         config["constraints"].append({"name": "re", "kappa": guard})
     config["train"].update(steps=steps, threads=1, seed=seed)
+    config["model"]["output_start"] = start
     config.setdefault("logging", {})["plots"] = False
     if (folder / "config.toml").is_file() and not (folder / "summary.json").is_file():
         resume(folder)  # an interrupted run continues
@@ -115,6 +120,7 @@ def run(out: str, name: str, spec: str, steps: int, kappa: float, guard: float |
         "steps": steps,
         "guard": guard,
         "seed": seed,
+        "start": start,
         "kappa": kappa,
         "p_own": cla.heldout_reached,
         "status": cla.status,
@@ -158,16 +164,16 @@ def network_facts(out: Path, weights: str) -> dict[str, str]:
 
 def table(out: Path, rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| network | recipe | options | clean | PGD-40 | steps | guard | κ | seed | p own | standard "
+        "| network | recipe | options | clean | PGD-40 | start | steps | guard | κ | seed | p own | standard "
         "| standard twin | mlp | RMSE | KL | FD rec | FD smp |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         facts = network_facts(out, r["weights"])
         j = r["judges"]
         lines.append(
             f"| {r['network']} | {facts.get('recipe', 'standard')} {facts.get('eps', '')} | {_options(r)} | "
-            f"{facts.get('test_accuracy', '-')} | {facts['pgd40_at_0.3']} | {r['steps']} | "
+            f"{facts.get('test_accuracy', '-')} | {facts['pgd40_at_0.3']} | {r.get('start', 'grey')} | {r['steps']} | "
             f"{r['guard'] or '-'} | {r.get('kappa', 0.9):g} | {r.get('seed', 0)} | {r['p_own']:.3f} | "
             f"{j['standard']:.3f} | {j['standard twin']:.3f} | "
             f"{j['mlp']:.3f} | {r['rmse']:.3f} | {r['kl']:.1f} | {r['fd_reconstructions']:.1f} | "
@@ -188,6 +194,7 @@ def main() -> None:
     parser.add_argument("--kappa", type=float, default=0.9)
     parser.add_argument("--guard", type=float, nargs="*", default=[0.0], help="RE kappa stacked with CLA (0: alone)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--start", choices=("grey", "mean"), default="grey", help="the conv VAE's output_start")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--table", action="store_true", help="only the table of every finished run in OUT")
     args = parser.parse_args()
@@ -204,7 +211,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     mlp_judge(Path(args.out))
     jobs = [
-        (args.out, *spec.split("=", 1), steps, args.kappa, guard or None, seed)
+        (args.out, *spec.split("=", 1), steps, args.kappa, guard or None, seed, args.start)
         for spec in args.network
         for steps in args.steps
         for guard in args.guard

@@ -66,7 +66,11 @@ BAD = [
     ("data.size", "big", "data.size must be an integer, got 'big'"),
     ("data.split", "test", "unknown key data.split for dataset 'shapes'"),
     ("model.name", "gan", "model.name: unknown model 'gan'; installed: conv-vae (geco-core)"),
-    ("model.laten_dim", 4, "unknown key model.laten_dim for model 'mlp-vae' (accepts: latent_dim, hidden)"),
+    (
+        "model.laten_dim",
+        4,
+        "unknown key model.laten_dim for model 'mlp-vae' (accepts: latent_dim, hidden, output_start)",
+    ),
     ("model.hidden", [64, "x"], "model.hidden must be an array of integers, got [64, 'x']"),
     ("model.image_shape", [1, 2, 3], "unknown key model.image_shape"),
     ("constraints.0.name", "rx", "constraints[0].name: unknown constraint 'rx'; installed: test-mae ($GECO_PLUGINS)"),

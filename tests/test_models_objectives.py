@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch.distributions import Bernoulli, Independent, Normal, kl_divergence
 
 from geco_core import ConfigError, create
-from geco_core.data.base import DataBatch
+from geco_core.data.base import DataBatch, ImageData
 from geco_core.models import DiagonalGaussian, Output
 from geco_core.training.objectives import ELBO, AnnealedBeta, Beta, Likelihood
 
@@ -57,6 +57,37 @@ def test_bad_model_options_are_named():
         create("model", "conv-vae", image_shape=(1, 28, 28), latent=3)
     with pytest.raises(ConfigError, match="too many for 4x4"):
         create("model", "conv-vae", image_shape=(1, 4, 4), channels=(8, 8, 8))
+
+
+@pytest.mark.parametrize("name", ["conv-vae", "mlp-vae"])
+def test_output_start_mean_adds_the_log_odds_of_the_mean_image_to_every_logit(name):
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (40, 3, 8, 8), generator=g, dtype=torch.uint8)
+    images[:, :, :2] = 0  # a black border: clamped to 0.01 before the log-odds
+    data = ImageData(images)
+    mean = images.double().div(255).mean(0)  # the reference: float64 over every image at once
+    torch.testing.assert_close(data.mean_image(batch_size=7).double(), mean, rtol=0, atol=1e-6)
+    torch.manual_seed(0)
+    model = create("model", name, image_shape=(3, 8, 8), latent_dim=4, output_start="mean", data_mean=data.mean_image)
+    grey = create("model", name, image_shape=(3, 8, 8), latent_dim=4)
+    torch.testing.assert_close(
+        model.pixel_bias.detach().double(), torch.logit(mean.clamp(0.01, 0.99)), atol=1e-5, rtol=0
+    )
+    z = torch.randn(5, 4)
+    torch.testing.assert_close(model.decode(z), model.decoder(z) + model.pixel_bias)
+    assert "pixel_bias" in model.state_dict() and "pixel_bias" not in grey.state_dict()
+    assert model.pixel_bias.requires_grad  # learned: it starts at the mean, it does not stay there
+    model(torch.rand(2, 3, 8, 8)).logits.sum().backward()
+    assert model.pixel_bias.grad is not None and model.pixel_bias.grad.abs().sum() > 0
+
+
+def test_bad_output_starts_are_named():
+    with pytest.raises(ConfigError, match="output_start must be one of grey, mean, got 'black'"):
+        create("model", "conv-vae", image_shape=(1, 28, 28), output_start="black")
+    with pytest.raises(ConfigError, match="output_start = 'mean' needs data_mean"):
+        create("model", "mlp-vae", image_shape=(1, 28, 28), output_start="mean")
+    with pytest.raises(ConfigError, match=r"data_mean must be \(1, 28, 28\), got \(28, 28\)"):
+        create("model", "conv-vae", image_shape=(1, 28, 28), output_start="mean", data_mean=torch.rand(28, 28))
 
 
 def _output(seed: int, shape=(3, 2, 4, 5)) -> tuple[Output, torch.Tensor]:

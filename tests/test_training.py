@@ -15,7 +15,8 @@ import torch
 from helpers import REPO, needs_plugins, records
 from test_data import needs_mnist
 
-from geco_core import CheckpointError, ConfigError, RunFolderError
+from geco_core import CheckpointError, ConfigError, RunFolderError, create
+from geco_core.plugins import Entry, registry
 from geco_core.state import component_status
 from geco_core.training import CHECKPOINT, build, load_checkpoint, resume, train
 from geco_core.training.config import Config, load_config
@@ -455,9 +456,8 @@ def test_callbacks_that_wait_on_each_other_are_refused():
 def test_a_missing_test_split_is_an_error_before_anything_is_written_not_a_silent_fallback(tmp_path, monkeypatch):
     """The summary and the plots evaluate held-out data: where the test split cannot be loaded the
     run stops before its folder exists (it used to evaluate on the training data without a word)."""
-    from geco_core import DataError, registry
+    from geco_core import DataError
     from geco_core.data.shapes import shapes
-    from geco_core.plugins import Entry
 
     def train_only(split: str = "train", seed: int = 0, n: int | None = None, size: int = 32):
         """Shapes whose test files are missing."""
@@ -474,3 +474,32 @@ def test_a_missing_test_split_is_an_error_before_anything_is_written_not_a_silen
     assert not (tmp_path / "run").exists()
     doc["logging"] = {"progress": False, "eval_examples": 0, "plots": False}
     assert (train(config=Config.from_dict(doc), run_dir=tmp_path / "quiet") / "summary.json").is_file()
+
+
+def test_output_start_mean_starts_at_the_training_splits_mean_and_resumes_exactly(tmp_path, monkeypatch):
+    exp = build(config(model={"output_start": "mean"}, train={"validation": 32}))
+    mean = exp.data.images.double().div(255).mean(0)  # the training split, the validation split held out
+    torch.testing.assert_close(
+        exp.model.pixel_bias.detach().double(), torch.logit(mean.clamp(0.01, 0.99)), atol=1e-5, rtol=0
+    )
+    # a model whose factory takes **kwargs is not handed data_mean; one that names it is
+    seen = {}
+
+    def factory(image_shape, data_mean=None, **options):
+        seen["data_mean"] = data_mean
+        return create("model", "mlp-vae", image_shape=image_shape, **options)
+
+    def catch_all(image_shape, **options):
+        seen["options"] = options
+        return create("model", "mlp-vae", image_shape=image_shape, **options)
+
+    for name, fn in (("named", factory), ("catch-all", catch_all)):
+        monkeypatch.setitem(registry().entries["model"], name, Entry("model", name, fn, "test", "test", "0", name))
+        build(config(model={"name": name}))
+    assert callable(seen["data_mean"]) and set(seen["options"]) == {"latent_dim", "hidden"}
+    # N steps + resume + N steps = 2N steps, with the learned bias in the checkpoint
+    whole = train(config=config(model={"output_start": "mean"}, train={"steps": 20}), run_dir=tmp_path / "whole")
+    half = train(config=config(model={"output_start": "mean"}, train={"steps": 10}), run_dir=tmp_path / "half")
+    resume(half, steps=20)
+    a, b = load_checkpoint(whole / CHECKPOINT)["model"], load_checkpoint(half / CHECKPOINT)["model"]
+    assert "pixel_bias" in a and all(torch.equal(a[k], b[k]) for k in a)

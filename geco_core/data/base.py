@@ -93,6 +93,13 @@ class ImageData:
         keep[held] = False
         return self.subset(keep.nonzero().squeeze(1)), self.subset(held)
 
+    def mean_image(self, batch_size: int = 10_000) -> Tensor:
+        """The mean image ``(C, H, W)``, pixels in [0, 1] (summed in float64, a block of rows at a time)."""
+        total = torch.zeros(self.image_shape, dtype=torch.float64)
+        for start in range(0, len(self), batch_size):
+            total += self.batch(torch.arange(start, min(start + batch_size, len(self)))).x.double().sum(0)
+        return (total / max(len(self), 1)).float()
+
     def batch(self, index: Tensor, device: torch.device | str = "cpu") -> DataBatch:
         """The examples at ``index``, moved to ``device`` as uint8 and scaled there to [0, 1]."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -68,13 +68,42 @@ class ConvDecoder(nn.Module):
         return y
 
 
+#: where a Gaussian VAE's reconstructions start (``output_start``)
+STARTS = ("grey", "mean")
+
+
 class GaussianVAE(VAE):
     """A VAE whose ``encoder`` maps x to the ``2 * latent_dim`` parameters of a diagonal Gaussian
-    q(z|x) and whose ``decoder`` maps z to logits; prior N(0, I), KL analytic (nats)."""
+    q(z|x) and whose ``decoder`` maps z to logits; prior N(0, I), KL analytic (nats).
+
+    ``output_start = "mean"`` adds a learned per-pixel bias to the decoder's logits that starts at
+    the log-odds of the mean training image (``data_mean``, clamped to [0.01, 0.99]): the
+    reconstructions start from the average image on its background instead of grey (``"grey"``,
+    logits near 0, no extra parameter)."""
 
     latent_dim: int
     encoder: nn.Module
     decoder: nn.Module
+
+    def _start(self, output_start: str, data_mean: Tensor | Callable[[], Tensor] | None) -> None:
+        if output_start not in STARTS:
+            raise ConfigError(
+                f"model {self.name!r}: output_start must be one of {', '.join(STARTS)}, got {output_start!r}"
+            )
+        if output_start == "grey":
+            self.register_parameter("pixel_bias", None)
+            return
+        if data_mean is None:
+            raise ConfigError(f"model {self.name!r}: output_start = 'mean' needs data_mean (the mean training image)")
+        mean = torch.as_tensor(data_mean() if callable(data_mean) else data_mean, dtype=torch.float32)
+        if tuple(mean.shape) != self.image_shape:
+            raise ConfigError(f"model {self.name!r}: data_mean must be {self.image_shape}, got {tuple(mean.shape)}")
+        self.pixel_bias = nn.Parameter(torch.logit(mean.clamp(0.01, 0.99)))
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Logits ``(B, C, H, W)`` for latents ``z``: the decoder's, plus the per-pixel bias if any."""
+        logits, bias = self.decoder(z), getattr(self, "pixel_bias", None)
+        return logits if bias is None else logits + bias
 
     def posterior(self, x: Tensor, context: Tensor | None = None) -> DiagonalGaussian:
         """q(z|x), a diagonal Gaussian over ``latent_dim`` dimensions."""
@@ -83,7 +112,7 @@ class GaussianVAE(VAE):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Output:
         q = self.posterior(x)
-        return Output(self.decoder(q.rsample()), q.kl_standard_normal())
+        return Output(self.decode(q.rsample()), q.kl_standard_normal())
 
     def kl(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Analytic, from the encoder alone."""
@@ -91,14 +120,14 @@ class GaussianVAE(VAE):
 
     def sample_logits(self, n: int, context: Tensor | None = None) -> Tensor:
         z = torch.randn(n, self.latent_dim, device=next(self.parameters()).device)
-        return self.decoder(z)
+        return self.decode(z)
 
 
 class ConvVAE(GaussianVAE):
     """Convolutional VAE: strided convs to a diagonal Gaussian q(z|x), N(0, I) prior, transposed convs.
 
     KL(q(z|x) || N(0, I)) is analytic (nats). Works for any image size the strides fit
-    (1x28x28, 3x28x28, 3x32x32, 3x64x64, ...).
+    (1x28x28, 3x28x28, 3x32x32, 3x64x64, ...). ``output_start``: :class:`GaussianVAE`.
     """
 
     name = "conv-vae"
@@ -109,6 +138,8 @@ class ConvVAE(GaussianVAE):
         latent_dim: int = 16,
         channels: Sequence[int] = (32, 64),
         hidden: int = 256,
+        output_start: str = "grey",
+        data_mean: Tensor | Callable[[], Tensor] | None = None,
     ) -> None:
         super().__init__(image_shape)
         _check_shape(self.name, image_shape)
@@ -118,15 +149,22 @@ class ConvVAE(GaussianVAE):
         body = ConvEncoder(image_shape, channels, hidden)
         self.encoder = nn.Sequential(body, nn.Linear(hidden, 2 * latent_dim))
         self.decoder = ConvDecoder(body, channels, latent_dim, image_shape[0], hidden)
+        self._start(output_start, data_mean)
 
 
 class MLPVAE(GaussianVAE):
-    """Fully connected VAE on flattened pixels: diagonal Gaussian q(z|x), N(0, I) prior, analytic KL."""
+    """Fully connected VAE on flattened pixels: diagonal Gaussian q(z|x), N(0, I) prior, analytic KL.
+    ``output_start``: :class:`GaussianVAE`."""
 
     name = "mlp-vae"
 
     def __init__(
-        self, image_shape: tuple[int, int, int], latent_dim: int = 16, hidden: Sequence[int] = (512, 256)
+        self,
+        image_shape: tuple[int, int, int],
+        latent_dim: int = 16,
+        hidden: Sequence[int] = (512, 256),
+        output_start: str = "grey",
+        data_mean: Tensor | Callable[[], Tensor] | None = None,
     ) -> None:
         super().__init__(image_shape)
         _check_shape(self.name, image_shape)
@@ -142,3 +180,4 @@ class MLPVAE(GaussianVAE):
         for a, b in zip([latent_dim, *reversed(hidden[1:])], reversed(hidden)):
             dec += [nn.Linear(a, b), nn.SiLU()]
         self.decoder = nn.Sequential(*dec, nn.Linear(hidden[0], d), nn.Unflatten(1, self.image_shape))
+        self._start(output_start, data_mean)

@@ -29,6 +29,8 @@ def _model(config: Config, data: ImageData) -> VAE:
     name = config.model.name
     entry = registry().get("model", name)
     kwargs: dict[str, Any] = {"image_shape": data.image_shape}
+    if "data_mean" in entry.parameters():  # named, not **kwargs; computed only if the model uses it
+        kwargs["data_mean"] = data.mean_image
     if data.context_shape is not None:
         if not entry.accepts("context_shape"):
             raise ConfigError(f"model.name: {name!r} is unconditional but dataset {config.data.name!r} has a context")

@@ -51,7 +51,7 @@ __all__ = [
 #: keyword arguments the trainer passes to registered factories itself, never from the config
 INJECTED = {
     "dataset": {"root", "split", "seed", "download"},
-    "model": {"image_shape", "context_shape"},
+    "model": {"image_shape", "context_shape", "data_mean"},
     "constraint": {"image_shape"},
     "objective": {"constraints"},
 }
