@@ -100,9 +100,9 @@ class GaussianVAE(VAE):
             raise ConfigError(f"model {self.name!r}: data_mean must be {self.image_shape}, got {tuple(mean.shape)}")
         self.pixel_bias = nn.Parameter(torch.logit(mean.clamp(0.01, 0.99)))
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Logits ``(B, C, H, W)`` for latents ``z``: the decoder's, plus the per-pixel bias if any."""
-        logits, bias = self.decoder(z), getattr(self, "pixel_bias", None)
+    def _with_pixel_bias(self, logits: Tensor) -> Tensor:
+        """The decoder's logits ``(B, C, H, W)`` plus the per-pixel bias, if any."""
+        bias = getattr(self, "pixel_bias", None)
         return logits if bias is None else logits + bias
 
     def posterior(self, x: Tensor, context: Tensor | None = None) -> DiagonalGaussian:
@@ -112,7 +112,7 @@ class GaussianVAE(VAE):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Output:
         q = self.posterior(x)
-        return Output(self.decode(q.rsample()), q.kl_standard_normal())
+        return Output(self._with_pixel_bias(self.decoder(q.rsample())), q.kl_standard_normal())
 
     def kl(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Analytic, from the encoder alone."""
@@ -120,7 +120,7 @@ class GaussianVAE(VAE):
 
     def sample_logits(self, n: int, context: Tensor | None = None) -> Tensor:
         z = torch.randn(n, self.latent_dim, device=next(self.parameters()).device)
-        return self.decode(z)
+        return self._with_pixel_bias(self.decoder(z))
 
 
 class ConvVAE(GaussianVAE):
