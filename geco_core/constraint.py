@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from geco_core.errors import ConfigError
 
 T = TypeVar("T")
-#: standard errors above the validation mean that GECO aims below kappa (a one-sided 95% bound)
+#: standard errors above the validation mean that GECO aims below kappa (a one-sided 95% bound;
+#: chosen by measurement, docs/BENCHMARKS.md "The validation bound's confidence")
 CONFIDENCE = 1.645
 
 __all__ = [
@@ -139,10 +140,10 @@ class Constraint(nn.Module, abc.ABC):
     #: what ``reached`` gives for a perfect reconstruction (RE 0, pNCC 1); None: found from
     #: ``reached`` and ``value_scale`` (:func:`perfect`)
     perfect: ClassVar[float | None] = None
-    #: standard errors of the validation mean that GECO's held-out target adds to it (GECO.validate):
-    #: a one-sided 95% bound by default; a constraint whose per-example values are heavy-tailed
-    #: may declare another, chosen by measurement
-    validation_confidence: float = CONFIDENCE
+    #: standard errors of the validation mean that GECO's held-out target adds to it (GECO.validate);
+    #: None: GECO's ``validation_confidence`` (:data:`CONFIDENCE`, a one-sided 95% bound, by
+    #: default). A constraint whose per-example values are heavy-tailed may declare its own
+    validation_confidence: float | None = None
 
     @abc.abstractmethod
     def forward(self, batch: Batch) -> Tensor:

@@ -75,6 +75,7 @@ class GECO(nn.Module):
         ma_init: first value of the moving average. ``None`` (paper) starts it at the first batch's
             ``c_hat``; a number starts from that value, so ``c_ma^0 = alpha*ma_init + (1-alpha)*c_hat^0``.
         warmup: number of updates during which lambda stays fixed while ``c_ma`` already moves.
+        validation_confidence: standard errors in :meth:`validate`'s bound, for constraints declaring none.
         strict: raise :class:`NonFiniteConstraintError` on a non-finite ``c_hat`` instead of skipping
             that update (skipping is counted in ``skipped`` and reported).
         sync: under ``torch.distributed``, average ``c_hat`` over all processes before the moving
@@ -100,6 +101,7 @@ class GECO(nn.Module):
         lambda_max: float | None = None,
         ma_init: float | None = None,
         warmup: int = 0,
+        validation_confidence: float = CONFIDENCE,
         strict: bool = False,
         sync: bool = True,
         dtype: torch.dtype = torch.float32,
@@ -111,7 +113,7 @@ class GECO(nn.Module):
         self.dims, self.component_names = self.stack.dims, self.stack.component_names
         self.num_components = sum(self.dims)  # L, the length of the constraint vector
         self.alpha, self.ma_init, self.warmup, self.strict, self.sync = float(alpha), ma_init, int(warmup), strict, sync
-        options = _component_options(constraints, self.dims, lr=lr, lambda_init=lambda_init, dtype=dtype)
+        options = _component_options(constraints, self.dims, lr, lambda_init, validation_confidence, dtype)
         lambda0 = options.pop("lambda_init")
         for name, value in options.items():  # lr, multiplier_scale, value_scale, confidence
             self.register_buffer(name, value, persistent=False)
@@ -199,10 +201,9 @@ class GECO(nn.Module):
         trained on), measured now; under ``torch.distributed`` every process's examples count.
 
         GECO keeps the generalisation gap ``gap = bound - c_ma``, ``bound`` the validation mean plus
-        the constraint's ``validation_confidence`` standard errors (default :data:`CONFIDENCE`, a
-        one-sided 95% bound), the first measurement as it is, then the mean of each new one with the
-        gap so far; the controller drives ``c_ma + gap`` to ``<= 0``, so held-out data meets kappa,
-        not only the training batches. A non-finite measurement is ignored."""
+        ``validation_confidence`` standard errors (the constraint's, else GECO's), the first
+        measurement as it is, then the mean of each new one with the gap so far; the controller
+        drives ``c_ma + gap`` to ``<= 0``, so held-out data meets kappa. Non-finite ones are ignored."""
         bound = _upper_bound(values.detach().to(self.c_ma.dtype), self.confidence, self.sync)
         gap = bound - self.c_ma
         finite = torch.isfinite(gap).all()
@@ -251,11 +252,16 @@ class GECO(nn.Module):
 
 
 def _component_options(
-    constraints: Sequence[ConstraintLike], dims: Sequence[int], *, lr: Scalars, lambda_init: Scalars, dtype: torch.dtype
+    constraints: Sequence[ConstraintLike],
+    dims: Sequence[int],
+    lr: Scalars,
+    lambda_init: Scalars,
+    confidence: float,
+    dtype: torch.dtype,
 ) -> dict[str, Tensor]:
     """GECO's per-component options as ``(L,)`` tensors, each checked (a ConfigError naming one out
     of range): ``lr`` and ``lambda_init`` as given, each constraint's ``multiplier_scale``,
-    ``value_scale`` and ``validation_confidence``."""
+    ``value_scale`` and ``validation_confidence`` (``confidence`` where it declares none)."""
     given = {"lr": lr, "lambda_init": lambda_init}
     options = {key: _per_component(key, value, dims, dtype) for key, value in given.items()}
     for key, value in options.items():
@@ -265,12 +271,13 @@ def _component_options(
         pair = (float(c.multiplier_scale), float(c.value_scale))
         if not all(0 < s < math.inf for s in pair):
             raise ConfigError(f"constraint {c.name!r}: multiplier_scale and value_scale must be > 0, got {pair}")
-    confidence = [float(getattr(c, "validation_confidence", CONFIDENCE)) for c in constraints]
-    if not all(0 <= z < math.inf for z in confidence):
-        raise ConfigError(f"validation_confidence must be >= 0 and finite, got {confidence}")
+    declared = [getattr(c, "validation_confidence", None) for c in constraints]
+    z = [float(confidence if d is None else d) for d in declared]
+    if not all(0 <= v < math.inf for v in z):
+        raise ConfigError(f"validation_confidence must be >= 0 and finite, got {z}")
     options["multiplier_scale"] = _expand([float(c.multiplier_scale) for c in constraints], dims, dtype)
     options["value_scale"] = _expand([float(c.value_scale) for c in constraints], dims, dtype)
-    options["confidence"] = _expand(confidence, dims, dtype)
+    options["confidence"] = _expand(z, dims, dtype)
     return options
 
 

@@ -350,16 +350,18 @@ def test_the_gap_is_the_validation_bound_above_the_moving_average_and_tightens_t
 
 
 def test_a_constraint_declares_its_own_validation_confidence():
-    """Each component's bound uses its constraint's ``validation_confidence`` (others the default)."""
+    """Each component's bound uses its constraint's ``validation_confidence``; the others GECO's
+    (:data:`CONFIDENCE` unless given)."""
 
     class Narrow(Values):
         validation_confidence = 0.5
 
-    geco = GECO([Values(), Narrow()], controller="paper", alpha=0.0, dtype=torch.float64)
     values = torch.randn(300, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    geco.validate(values)
-    z = torch.tensor([CONFIDENCE, CONFIDENCE, 0.5, 0.5], dtype=torch.float64)
-    torch.testing.assert_close(geco.gap, values.mean(0) + z * values.std(0) / math.sqrt(300))
+    for options, default in (({}, CONFIDENCE), ({"validation_confidence": 2.5}, 2.5)):
+        geco = GECO([Values(), Narrow()], controller="paper", alpha=0.0, dtype=torch.float64, **options)
+        geco.validate(values)
+        z = torch.tensor([default, default, 0.5, 0.5], dtype=torch.float64)
+        torch.testing.assert_close(geco.gap, values.mean(0) + z * values.std(0) / math.sqrt(300))
 
     class Negative(Values):
         validation_confidence = -1.0

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from geco_core.constraint import Batch, ConstraintLike
+from geco_core.constraint import CONFIDENCE, Batch, ConstraintLike
 from geco_core.controllers import DEFAULT
 from geco_core.data.base import DataBatch
 from geco_core.errors import ConfigError
@@ -182,6 +182,7 @@ class GecoObjective(Objective):
         lambda_max: float | None = None,
         ma_init: float | None = None,
         warmup: int = 0,
+        validation_confidence: float = CONFIDENCE,
         strict: bool = False,
     ) -> None:
         super().__init__()
@@ -196,6 +197,7 @@ class GecoObjective(Objective):
             lambda_max=lambda_max,
             ma_init=ma_init,
             warmup=warmup,
+            validation_confidence=validation_confidence,
             strict=strict,
         )
 

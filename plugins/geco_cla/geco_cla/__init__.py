@@ -38,7 +38,6 @@ from torch import Tensor
 
 from geco_cla.network import DigitClassifier, DigitFeatures, load_classifier
 from geco_core import Batch, ConfigError, Constraint, check_kappa, check_same_shape, freeze, hookimpl
-from geco_core.constraint import CONFIDENCE
 
 __all__ = ["ClassifierAccuracy", "DigitClassifier", "DigitFeatures", "load_classifier"]
 
@@ -74,7 +73,8 @@ class ClassifierAccuracy(Constraint):
             from the classifier's prediction on the target.
         smoothing: the std (pixels) of Gaussian noise added to the reconstruction before the
             classifier, a fresh draw each call (0: none, the default).
-        validation_confidence: standard errors of the validation mean in GECO's held-out target.
+        validation_confidence: standard errors of the validation mean in GECO's held-out target
+            (None, the default: GECO's ``validation_confidence``).
         image_shape: ``(C, 28, 28)``; C digits stacked as channels give C components.
     """
 
@@ -90,14 +90,14 @@ class ClassifierAccuracy(Constraint):
         use_labels: bool = True,
         image_shape: tuple[int, int, int] | None = None,
         smoothing: float = 0.0,
-        validation_confidence: float = CONFIDENCE,
+        validation_confidence: float | None = None,
     ) -> None:
         super().__init__()
         kappa = check_kappa("cla", kappa, 0.0, 1.0, what="a probability in (0, 1)")
         if not 0.0 <= smoothing < math.inf:
             raise ConfigError(f"cla: smoothing must be a noise std >= 0 in pixels, got {smoothing}")
         self.smoothing = float(smoothing)
-        self.validation_confidence = float(validation_confidence)
+        self.validation_confidence = None if validation_confidence is None else float(validation_confidence)
         if form not in FORMS:
             raise ConfigError(f"cla: form must be log or probability, got {form!r}")
         channels = 1

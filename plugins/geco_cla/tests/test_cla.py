@@ -269,3 +269,16 @@ def test_smoothing_classifies_the_reconstruction_plus_fresh_noise_and_judges_see
     assert all(j.smoothing == 0 for j in cla.judges().values())
     with pytest.raises(ConfigError, match="smoothing must be a noise std"):
         ClassifierAccuracy(kappa=0.9, smoothing=-0.1)
+
+
+def test_cla_follows_gecos_validation_confidence_unless_it_is_given_its_own():
+    """In a stack of RE and CLA, GECO's ``validation_confidence`` bounds both validation means,
+    except where CLA is given its own (``[[constraints]] validation_confidence``)."""
+    values = torch.randn(200, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for own, z in ((None, [2.5, 2.5]), (0.7, [2.5, 0.7])):
+        options = {} if own is None else {"validation_confidence": own}
+        stack = [create_constraint("re", kappa=0.2), create_constraint("cla", kappa=0.9, **options)]
+        geco = GECO(stack, controller="paper", alpha=0.0, validation_confidence=2.5, dtype=torch.float64)
+        geco.validate(values)
+        expected = values.mean(0) + torch.tensor(z, dtype=torch.float64) * values.std(0) / math.sqrt(200)
+        torch.testing.assert_close(geco.gap, expected)
