@@ -52,7 +52,7 @@ from geco_core.figures.kappa import plot_result
 from geco_core.geco import build_controller
 from geco_core.plugins import create, registry
 from geco_core.training import Callback, Config, Run, TrainerState, load_config, strict_json, train, write_atomic
-from geco_core.training.experiment import PassMeasures, passes
+from geco_core.training.experiment import PassMeasures
 from geco_core.training.rng import seeded
 
 __all__ = [
@@ -167,10 +167,8 @@ class _Probe(Callback):
             return
         exp = trainer.exp
         index = torch.arange(min(PROBE_EXAMPLES, len(exp.validation)))
-        measures = PassMeasures(exp, report=False)
         with seeded(exp.device, exp.config.train.seed):  # the same draws at every probe
-            for batch, out in passes(exp, exp.validation, index):
-                measures.add(batch, out)
+            measures = PassMeasures(exp, report=False).measure(exp.validation, index)
         point = probe_point(exp.geco, trainer.step, measures.values, measures.kl)
         self.points.append(point)
         with open(trainer.run.path / "probe.jsonl", "a") as f:

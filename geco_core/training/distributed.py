@@ -1,21 +1,5 @@
 """Training on several processes (``torchrun``): the process group, the shard of each global batch,
-and the few collectives the loop needs.
-
-Under ``torchrun --nproc_per_node=N geco train ...`` every process runs the same loop:
-
-* the process group comes from the environment torchrun sets (``WORLD_SIZE``, ``RANK``,
-  ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): gloo on CPU, NCCL on CUDA (one GPU per process,
-  ``cuda:LOCAL_RANK``);
-* ``train.batch_size`` is the *global* batch: process r takes the r-th of N equal, disjoint,
-  contiguous pieces of every global batch (the batch must divide by N), so a config means the
-  same at any world size and the data order is the single-process one;
-* the model and the objective are wrapped together in ``DistributedDataParallel``, which averages
-  gradients: with equal pieces that is the gradient of the whole batch's loss; GECO averages its
-  constraint means over the processes before its moving average (every process holds the same
-  lambda);
-* process 0 alone writes the run folder; the others keep their state in step and answer the
-  collectives (checkpoints gather every process's RNG state).
-"""
+and the few collectives the loop needs; what is global and what is each process's: docs/distributed.md."""
 
 from __future__ import annotations
 

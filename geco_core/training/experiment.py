@@ -195,6 +195,12 @@ class PassMeasures:
         self._values: list[Tensor] = []
         self._kl: list[Tensor] = []
 
+    def measure(self, data: ImageData, index: Tensor, batch_size: int = 500) -> PassMeasures:
+        """Add one pass (:func:`passes`) over the examples ``index`` of ``data``; returns itself."""
+        for batch, out in passes(self.exp, data, index, batch_size):
+            self.add(batch, out)
+        return self
+
     def add(self, batch: DataBatch, out: Output) -> None:
         self.n += len(batch.x)
         self.sums[0] += out.kl.double().sum()
@@ -237,15 +243,9 @@ class PassMeasures:
 def constraint_values(exp: Experiment, data: ImageData, index: Tensor, batch_size: int = 500) -> Tensor:
     """Every constraint component's value for the examples ``index`` of ``data`` (``(n, L)``, on the
     device), from one pass (:func:`passes`)."""
-    measures = PassMeasures(exp, report=False)
-    for batch, out in passes(exp, data, index, batch_size):
-        measures.add(batch, out)
-    return measures.values
+    return PassMeasures(exp, report=False).measure(data, index, batch_size).values
 
 
 def evaluate_heldout(exp: Experiment, data: ImageData, n: int, batch_size: int = 500) -> dict[str, Any]:
     """:meth:`PassMeasures.result` of one pass over the first ``n`` examples of ``data``."""
-    measures = PassMeasures(exp)
-    for batch, out in passes(exp, data, torch.arange(min(n, len(data))), batch_size):
-        measures.add(batch, out)
-    return measures.result()
+    return PassMeasures(exp).measure(data, torch.arange(min(n, len(data))), batch_size).result()

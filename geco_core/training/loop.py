@@ -1,18 +1,9 @@
-"""One training loop for every objective: :class:`Trainer`.
-
-Each step: forward, the objective's loss, backward, then the optimiser step, unless the loss or a
-gradient is not finite (that step is skipped and counted; ``train.max_nonfinite_steps`` in a row
-stop the run as diverged). After the step, a controller may have restarted a multiplier
-(:meth:`GECO.follow` then clears the optimiser's state). Every ``validate_every`` steps
-every constraint is measured on the validation split, and GECO tightens its targets by the gap
-(:meth:`Experiment.validate`). Every ``log_every`` steps the loop
-builds one record (a dict of floats, from the objective's metrics and GECO's typed state), keeps it
-in memory (``trainer.records``) and hands it to the callbacks, which write the files, the progress
-bar, the checkpoints, the plots and the summary.
-
-Resuming restores every state, including the RNG and the data order (a function of the step), so
-N steps + resume + N steps equals 2N uninterrupted steps.
-"""
+"""One training loop for every objective: :class:`Trainer`. Each step: the loss, backward, the
+optimiser step unless the loss or a gradient is not finite, :meth:`GECO.follow`; every
+``validate_every`` steps :meth:`Experiment.validate`; every ``log_every`` a record to the callbacks
+(what the host reads back, and when: docs/training.md). Resuming restores every state, including
+the RNG and the data order (a function of the step), so N steps + resume + N steps equals 2N
+uninterrupted steps."""
 
 from __future__ import annotations
 

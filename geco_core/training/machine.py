@@ -1,15 +1,6 @@
-"""The machine a process trains on: its device, and on a CPU its threads and allocator.
-
-Threads: without ``train.threads``, torch gets one thread per core that no other process is running
-on when the run starts (:func:`free_cores`): threads on busy cores slow every step (docs/BENCHMARKS.md,
-"Threads on a shared CPU").
-
-Keep freed memory in the process: glibc hands large blocks (over its mmap threshold, 128 kB to
-32 MB) back to the operating system on free and faults them in again on the next allocation. A
-training step frees and reallocates the same large activations every step; raising glibc's mmap
-and trim thresholds keeps those blocks in the heap (:func:`keep_freed_memory`; its effect is in
-docs/BENCHMARKS.md, "Image size and batch").
-"""
+"""The machine a process trains on: its device, and on a CPU its threads (one per core no other
+process is running on, :func:`free_cores`) and allocator (freed blocks kept in the heap,
+:func:`keep_freed_memory`); their effect: docs/BENCHMARKS.md."""
 
 from __future__ import annotations
 

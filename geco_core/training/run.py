@@ -1,19 +1,6 @@
-"""A run folder, one type for train, resume, eval and sweep: :class:`Run`.
-
-::
-
-    config.toml            the resolved config (every default written out)
-    metrics.jsonl          one strict-JSON line per logged step (non-finite numbers as null)
-    tb/                    the same metrics for TensorBoard
-    checkpoints/latest.pt  model, optimiser, objective (GECO) and RNG states, written atomically
-    summary.json           the final summary: held-out evaluation, each constraint against its kappa
-    eval.json              ``geco eval``'s report
-    plots/                 trajectory.png (the paper's Figure 1) and grid.png (data / recon / samples)
-    .lock                  held while a process trains in the folder
-
-Every mistake with a path (a missing folder, a file in the way, a full disk) is one line naming
-the path; a write that fails leaves the previous file as it was and no temporary file behind.
-"""
+"""A run folder, one type for train, resume, eval and sweep: :class:`Run` (its files: docs/training.md).
+Every mistake with a path is one line naming the path; a write that fails leaves the previous file
+as it was and no temporary file behind."""
 
 from __future__ import annotations
 

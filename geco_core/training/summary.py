@@ -194,7 +194,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         header = ("constraint", "kappa", "reached", "held-out", "status", "lambda", "beta")
         table = [header]
         for r in rows:
-            state = r.status or f"{_or_nan(r.satisfied_fraction):.0%} met"
+            state = r.status or f"{math.nan if r.satisfied_fraction is None else r.satisfied_fraction:.0%} met"
             if state == "unreachable":
                 state = f"unreachable (best {r.best:.4g} at step {r.best_step})"
             table.append(
@@ -227,10 +227,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary["plots"]:
         lines.append("plots: " + "\n       ".join(summary["plots"].values()))
     return "\n".join(lines)
-
-
-def _or_nan(value: float | None) -> float:
-    return math.nan if value is None else value
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:

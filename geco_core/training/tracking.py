@@ -1,14 +1,6 @@
-"""Experiment tracking in MLflow (the optional extra ``geco-core[mlflow]``): :class:`MlflowTracking`.
-
-With ``[logging] mlflow = true`` a run is also an MLflow run: the tracking URI is
-``$MLFLOW_TRACKING_URI`` where set, else a sqlite store ``mlflow.db`` beside the run folder (in
-``logging.dir``), artifacts in ``mlflow-artifacts/`` there. The resolved config is logged as
-parameters (``train.lr``, ``constraints.0.kappa``, ...), every record as metrics at its step (GECO's
-state per component among them: ``re/lambda``, ``re/c_ma``, ...; characters MLflow refuses become
-``_``), and at the end the summary, the config and the plots as artifacts. The MLflow run's id is
-kept in the run folder (``mlflow.json``), so a resumed run continues the same MLflow run, logging
-only the steps MLflow does not have yet (a resume repeats the steps after its checkpoint exactly).
-"""
+"""The run in MLflow too (``[logging] mlflow = true``, the extra ``geco-core[mlflow]``; what it logs:
+docs/training.md): :class:`MlflowTracking`. The MLflow run's id is kept in the run folder
+(``mlflow.json``), so a resume continues that run, logging only the steps MLflow does not have."""
 
 from __future__ import annotations
 
