@@ -88,8 +88,9 @@ def _training(action, output: str) -> int:
     run folder for ``quiet``); a diverged run exits with 3. Under torchrun only the first process
     prints."""
     from geco_core.training import RunDiverged
+    from geco_core.training.distributed import launched
 
-    first = os.environ.get("RANK", "0") == "0"
+    first = launched().main
     try:
         run_dir = action()
     except RunDiverged as exc:
@@ -104,12 +105,13 @@ def _train(args: argparse.Namespace) -> int:
     _require_train_extra("train")
     from geco_core.evaluation.kappa import below_floor
     from geco_core.training import load_config, train
+    from geco_core.training.distributed import launched
 
     config = load_config(args.config, args.set)
     if args.print_config:
         print(config.to_toml(), end="")
         return 0
-    if os.environ.get("RANK", "0") == "0":
+    if launched().main:
         for line in below_floor(config):
             print(f"geco: warning: {line}", file=sys.stderr)
     output = _output(args)
@@ -325,10 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         print("geco: stopped: nothing reads the output any more", file=sys.stderr)
         code = 141
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command in ("train", "resume"):
-        from geco_core.training.distributed import exit_process
+    # under torchrun only: importing the training layer needs the train extra, whose absence is an error above
+    if args.command in ("train", "resume") and os.environ.get("WORLD_SIZE", "1") != "1":
+        from geco_core.training.distributed import exit_process, launched
 
-        exit_process(code)  # a process of a torchrun run: no interpreter finalisation (see there)
+        if launched().distributed:
+            exit_process(code)  # a process of a torchrun run: no interpreter finalisation (see there)
     return code
 
 

@@ -114,3 +114,19 @@ def test_a_global_batch_that_does_not_divide_is_refused_with_one_line(tmp_path, 
     assert out.returncode != 0
     assert "geco: error: train.batch_size = 33 does not divide into 2 processes" in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_process_knows_its_place_from_torchruns_environment_before_it_joins(monkeypatch):
+    """What the CLI asks before `train()` joins the group and after it leaves: print once, exit without
+    finalisation under torchrun."""
+    from geco_core.training.distributed import launched
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    alone = launched()
+    assert (alone.rank, alone.world, alone.main, alone.distributed) == (0, 1, True, False)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    fourth = launched()
+    assert (fourth.rank, fourth.world, fourth.local_rank, fourth.main, fourth.distributed) == (3, 4, 1, False, True)

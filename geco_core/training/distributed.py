@@ -19,7 +19,7 @@ from geco_core.data.base import DataBatch
 from geco_core.errors import ConfigError
 from geco_core.models.base import Output
 
-__all__ = ["DataParallelGroup", "join_group", "leave_group", "exit_process", "ModelAndObjective"]
+__all__ = ["DataParallelGroup", "launched", "join_group", "leave_group", "exit_process", "ModelAndObjective"]
 
 
 @attrs.frozen
@@ -92,20 +92,28 @@ class DataParallelGroup:
             dist.barrier()
 
 
-def join_group(device: str) -> DataParallelGroup:
-    """Join the process group described by torchrun's environment (one process: nothing to join).
-    ``device`` is ``train.device``; on CUDA each process takes the GPU ``LOCAL_RANK``."""
+def launched() -> DataParallelGroup:
+    """This process's place in the group torchrun's environment describes (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``), joined or not; a group of one without torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DataParallelGroup()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    return DataParallelGroup(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def join_group(device: str) -> DataParallelGroup:
+    """Join the process group described by torchrun's environment (one process: nothing to join).
+    ``device`` is ``train.device``; on CUDA each process takes the GPU ``LOCAL_RANK``."""
+    group = launched()
+    if not group.distributed:
+        return group
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if not dist.is_initialized():
         if cuda:
-            torch.cuda.set_device(local)
+            torch.cuda.set_device(group.local_rank)
         backend = "nccl" if cuda else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
-    return DataParallelGroup(rank, dist.get_world_size(), local)
+    return attrs.evolve(group, world=dist.get_world_size())
 
 
 def exit_process(code: int) -> NoReturn:
