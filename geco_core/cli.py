@@ -327,12 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         print("geco: stopped: nothing reads the output any more", file=sys.stderr)
         code = 141
-    # under torchrun only: importing the training layer needs the train extra, whose absence is an error above
-    if args.command in ("train", "resume") and os.environ.get("WORLD_SIZE", "1") != "1":
-        from geco_core.training.distributed import exit_process, launched
+    # torchrun's environment read here: the training layer (launched()) needs the train extra, whose absence is an error
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command in ("train", "resume"):
+        from geco_core.training.distributed import exit_process
 
-        if launched().distributed:
-            exit_process(code)  # a process of a torchrun run: no interpreter finalisation (see there)
+        exit_process(code)  # a process of a torchrun run: no interpreter finalisation (see there)
     return code
 
 
